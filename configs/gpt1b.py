@@ -1,0 +1,19 @@
+"""1B-parameter model for a v4-32 / v5p-32 TPU slice or 8+ GPUs.
+
+Mesh: FSDP within a slice plus 2-way tensor parallelism (tensor=2), data across the rest.
+On an 8-GPU box: mesh.data=1 mesh.fsdp=4 mesh.tensor=2 (16 chips: mesh.data=2).
+"""
+
+from jaxckpt.config import CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        model=ModelConfig(vocab_size=32768, d_model=2048, n_layers=18, n_heads=16, d_ff=5632, seq_len=2048,
+                          tie_embeddings=False, dtype="bfloat16"),
+        optim=OptimConfig(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1),
+        data=DataConfig(batch_size=512, worker_count=8),
+        mesh=MeshConfig(data=-1, fsdp=4, tensor=2),
+        train=TrainConfig(steps=200_000, log_every=50, eval_every=2000, eval_batches=20),
+        checkpoint=CheckpointConfig(every_steps=1000, every_seconds=1800, keep_latest=2, keep_every=20_000),
+    )

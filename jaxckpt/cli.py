@@ -1,0 +1,93 @@
+"""``jaxckpt`` command line: thin parsing, then calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = "Overrides: section.key=value, e.g. train.steps=200 mesh.fsdp=2 model.dtype=bfloat16"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxckpt", description="Sharded JAX/Flax LM training with exact resume.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train (resumes automatically from DIR/checkpoints)", epilog=EPILOG)
+    t.add_argument("--config", help="config file defining get_config() (default: built-in tiny config)")
+    t.add_argument("--workdir", help="run directory (default: ./runs/<config name>)")
+    t.add_argument("--stop-at-step", type=int, default=None,
+                   help="save a checkpoint at this step and exit (resume later with the same command)")
+    t.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+    pr = sub.add_parser("prepare", help="tokenize text files into a dataset directory")
+    pr.add_argument("--input", nargs="+", required=True, type=Path)
+    pr.add_argument("--out", required=True, type=Path)
+    pr.add_argument("--tokenizer", default="bytes", help="bytes (default), a SentencePiece .model or tokenizer.json")
+    pr.add_argument("--val-fraction", type=float, default=0.05)
+    pr.add_argument("--force", action="store_true", help="rebuild an existing dataset")
+
+    c = sub.add_parser("ckpt", help="list, inspect or export checkpoints")
+    csub = c.add_subparsers(dest="ckpt_cmd", required=True)
+    cl = csub.add_parser("list", help="steps, times, sizes and why each is kept")
+    cl.add_argument("dir", type=Path)
+    ci = csub.add_parser("inspect", help="array tree, config and metrics of one checkpoint")
+    ci.add_argument("dir", type=Path)
+    ci.add_argument("--step", type=int)
+    ce = csub.add_parser("export", help="params only, to .safetensors or .npz")
+    ce.add_argument("dir", type=Path)
+    ce.add_argument("--step", type=int)
+    ce.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxckpt.config import load_config
+    from jaxckpt.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    name = Path(args.config).stem if args.config else "default"
+    workdir = Path(args.workdir) if args.workdir else Path("runs") / name
+    result = train(cfg, workdir, stop_at=args.stop_at_step)
+    loss = result.metrics.get("loss", float("nan"))
+    print(f"[jaxckpt] done: step {result.step}, loss {loss:.4f}, workdir {workdir}", file=sys.stderr)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from jaxckpt.data import prepare
+
+    meta = prepare(args.input, args.out, args.tokenizer, args.val_fraction, args.force)
+    print(f"prepared {args.out}: {meta['n_train']:,} train + {meta['n_val']:,} val tokens "
+          f"({meta['tokenizer']}, vocab {meta['vocab_size']})")
+    print(f"train on it with: jaxckpt train data.path={args.out} model.vocab_size={max(meta['vocab_size'], 256)}")
+    return 0
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from jaxckpt import ckpt_tools
+
+    if args.ckpt_cmd == "list":
+        print(ckpt_tools.list_table(args.dir))
+    elif args.ckpt_cmd == "inspect":
+        print(ckpt_tools.inspect(args.dir, args.step))
+    else:
+        print(ckpt_tools.export(args.dir, args.step, args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from jaxckpt.config import ConfigError
+    from jaxckpt.resume import ResumeError
+
+    handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt}
+    try:
+        return handlers[args.cmd](args)
+    except (ConfigError, ResumeError, FileNotFoundError, FileExistsError) as e:
+        print(f"jaxckpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

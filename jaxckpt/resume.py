@@ -1,0 +1,172 @@
+"""Where a run starts: fresh, resumed from the newest good checkpoint, or initialised from one.
+
+Also owns what a checkpoint's ``meta`` records and the rules for resuming under a changed config.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from jaxckpt import checkpoint as ckpt_lib
+from jaxckpt.config import Config
+from jaxckpt.metrics import log
+from jaxckpt.state import create_state
+
+if TYPE_CHECKING:
+    from jaxckpt.trainer import Run
+
+PyTree = Any
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "jaxckpt")
+# Config sections/keys that must not change across a resume (they change what the bits mean).
+UNSAFE_KEYS = ("model.", "optim.", "data.path", "data.shuffle_seed", "data.batch_size",
+               "data.default_corpus_mb", "train.seed")
+
+
+class ResumeError(RuntimeError):
+    """Resuming is unsafe or impossible; the message lists why and how to proceed."""
+
+
+@dataclass
+class Start:
+    state: PyTree
+    step: int
+    iterator: Any
+    offset: int  # global batch index at which ``iterator`` was created
+    resumed_from: int | None = None
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def checkpoint_meta(run: Run, step: int, offset: int, metrics: dict[str, float]) -> dict[str, Any]:
+    pos = run.data.position(offset)
+    return {
+        "step": step,
+        "time": time.time(),
+        "config": run.cfg.to_dict(),
+        "mesh": dict(run.mesh.shape),
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "versions": versions(),
+        "data": {
+            "fingerprint": run.data.fingerprint,
+            "offset": pos.offset,
+            "process_count": pos.process_count,
+            "worker_count": pos.worker_count,
+        },
+        "metrics": metrics,
+    }
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: Config) -> tuple[list[str], list[str]]:
+    """(safe, unsafe) differences between a checkpoint's config and the current one."""
+    old, new = _flatten(saved), _flatten(current.to_dict())
+    safe, unsafe = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (unsafe if key.startswith(UNSAFE_KEYS) else safe).append(line)
+    return safe, unsafe
+
+
+def check_compatible(run: Run, meta: dict[str, Any], step: int) -> None:
+    safe, unsafe = config_changes(meta["config"], run.cfg)
+    if meta["data"]["fingerprint"] != run.data.fingerprint:
+        unsafe.append(f"data fingerprint: {meta['data']['fingerprint']} -> {run.data.fingerprint}")
+    if unsafe:
+        raise ResumeError(
+            f"checkpoint {step} in {run.workdir / 'checkpoints'} was written with a different setup:\n  "
+            + "\n  ".join(unsafe)
+            + "\nRestore the original values, start fresh with train.resume=overwrite (deletes the "
+            "checkpoints) or use another --workdir."
+        )
+    if safe:
+        log(f"resuming with changed settings: {'; '.join(safe)}")
+
+
+def prepare_dir(cfg: Config, workdir: Path) -> None:
+    """Apply ``train.resume``: ``never`` refuses to mix with old checkpoints, ``overwrite`` removes them."""
+    directory = workdir / "checkpoints"
+    existing = ckpt_lib.list_steps(directory)
+    if cfg.train.resume == "overwrite" and existing:
+        if jax.process_index() == 0:
+            log(f"train.resume=overwrite: deleting checkpoints {existing} in {directory}")
+            ckpt_lib.remove_all(directory)
+    elif cfg.train.resume == "never" and existing:
+        raise ResumeError(
+            f"{directory} already holds checkpoints {existing} and train.resume=never. "
+            "Use train.resume=auto to continue, train.resume=overwrite to delete them, or another --workdir."
+        )
+
+
+def restore_latest(run: Run, ckpt: ckpt_lib.Checkpointer) -> Start | None:
+    """Restore the newest checkpoint that restores; older ones are tried if newer ones fail."""
+    steps = ckpt.steps()
+    failures = []
+    for step in reversed(steps):
+        try:
+            meta = ckpt.meta(step)
+        except (OSError, ValueError, KeyError) as e:
+            failures.append(f"{step}: unreadable meta ({e})")
+            log(f"checkpoint {step} is unusable (unreadable meta: {e}); trying an older one")
+            continue
+        check_compatible(run, meta, step)
+        pos = meta["data"]
+        same_topology = (pos["process_count"], pos["worker_count"]) == (jax.process_count(),
+                                                                          run.cfg.data.worker_count)
+        offset = pos["offset"] if same_topology else step
+        iterator = run.data.train_iterator(offset)
+        try:
+            state = ckpt.restore(step, run.abstract_state(), iterator if same_topology else None)
+        except Exception as e:  # noqa: BLE001 - any restore failure means: try an older one
+            getattr(iterator, "close", lambda: None)()
+            failures.append(f"{step}: {type(e).__name__}: {e}")
+            log(f"checkpoint {step} failed to restore ({type(e).__name__}: {e}); trying an older one")
+            continue
+        how = "data iterator restored" if same_topology else "data stream repositioned at global batch"
+        log(f"resumed from checkpoint {step} in {ckpt.directory} ({how} {step})")
+        run.last_metrics = dict(meta.get("metrics", {}))
+        return Start(state, step, iterator, offset, resumed_from=step)
+    if steps:
+        raise ResumeError(
+            f"no checkpoint in {ckpt.directory} could be restored; nothing was deleted:\n  "
+            + "\n  ".join(failures)
+            + "\nFix or move the directory, or start fresh with train.resume=overwrite."
+        )
+    return None
+
+
+def start_state(run: Run, ckpt: ckpt_lib.Checkpointer) -> Start:
+    start = restore_latest(run, ckpt) if run.cfg.train.resume == "auto" else None
+    if start is None:
+        state = create_state(run.mdef, run.tx, run.mesh, run.cfg.train.seed)
+        if run.cfg.train.init_from:
+            state["params"] = ckpt_lib.load_params(run.cfg.train.init_from, run.abstract_state()["params"])
+            log(f"initialised params from {run.cfg.train.init_from} (fresh optimizer, step 0)")
+        start = Start(state, 0, run.data.train_iterator(0), 0)
+    else:
+        ckpt.schedule.saved(start.step)
+    return start

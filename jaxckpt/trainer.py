@@ -1,0 +1,142 @@
+"""The training loop: the one place that knows the order of operations.
+
+Per step: maybe save (state + data iterator, *before* drawing the next batch) -> next batch ->
+jitted step -> log. Resume restores state, iterator and RNG from the newest good checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxckpt import resume as resume_lib
+from jaxckpt.checkpoint import Checkpointer
+from jaxckpt.config import Config
+from jaxckpt.data import DataPipeline
+from jaxckpt.mesh import describe, make_mesh
+from jaxckpt.metrics import MetricsWriter, log
+from jaxckpt.model import param_count
+from jaxckpt.optim import make_optimizer, make_schedule
+from jaxckpt.state import ModelDef, abstract_state, state_shardings
+from jaxckpt.step import jit_eval_step, jit_train_step
+
+PyTree = Any
+
+
+@dataclass
+class Run:
+    """Everything built from a config before the loop starts."""
+
+    cfg: Config
+    workdir: Path
+    mesh: Any
+    mdef: ModelDef
+    tx: Any
+    schedule: Any
+    shardings: PyTree
+    data: DataPipeline
+    step_fn: Any = None
+    eval_fn: Any = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: Config, workdir: Path) -> Run:
+        mesh = make_mesh(cfg.mesh)
+        mdef = ModelDef.build(cfg.model)
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
+        schedule = make_schedule(cfg.optim, cfg.train.steps)
+        shardings = state_shardings(mdef, tx, mesh)
+        data = DataPipeline(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, mesh)
+        run = cls(cfg, Path(workdir), mesh, mdef, tx, schedule, shardings, data)
+        run.step_fn = jit_train_step(mdef, tx, schedule, mesh, shardings)
+        run.eval_fn = jit_eval_step(mdef, mesh, shardings["params"])
+        return run
+
+    def abstract_state(self) -> PyTree:
+        return abstract_state(self.mdef, self.tx, self.mesh)
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.model.seq_len
+
+
+@dataclass
+class TrainResult:
+    step: int
+    state: PyTree
+    metrics: dict[str, float]
+    stopped_early: bool
+
+
+def summary(run: Run, n_params: int, start_step: int) -> str:
+    devs = jax.devices()
+    return (
+        f"{len(devs)} x {devs[0].platform} device(s) in {jax.process_count()} process(es); "
+        f"mesh {describe(run.mesh)}; {n_params:,} params; {run.tokens_per_step():,} tokens/step; "
+        f"steps {start_step}->{run.cfg.train.steps}; data {run.data.describe()}"
+    )
+
+
+def evaluate(run: Run, params: PyTree, batches: list[jax.Array]) -> float:
+    losses = [run.eval_fn(params, b) for b in batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult:
+    """Train to ``cfg.train.steps`` (or save and stop at ``stop_at``), resuming if possible."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = Run.build(cfg, workdir)
+    resume_lib.prepare_dir(cfg, workdir)
+    with Checkpointer(workdir / "checkpoints", cfg.checkpoint) as ckpt:
+        start = resume_lib.start_state(run, ckpt)
+        log(summary(run, param_count(start.state["params"]), start.step))
+        writer = MetricsWriter(workdir, cfg.train.tensorboard and jax.process_index() == 0,
+                               cfg.train.progress, cfg.train.steps, start.step)
+        try:
+            return loop(run, ckpt, writer, start, stop_at)
+        finally:
+            writer.close()
+            close = getattr(start.iterator, "close", None)
+            if close is not None:
+                close()
+
+
+def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
+    meta = resume_lib.checkpoint_meta(run, step, start.offset, run.last_metrics)
+    ckpt.save(step, state, start.iterator, meta)
+
+
+def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.Start,
+         stop_at: int | None) -> TrainResult:
+    cfg = run.cfg.train
+    state, step, it = start.state, start.step, start.iterator
+    eval_batches = run.data.eval_batches(cfg.eval_batches) if cfg.eval_every else []
+    end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    t_last, step_last = time.perf_counter(), step
+    while step < end:
+        if ckpt.should_save(step):
+            save(run, ckpt, step, state, start)
+        batch = run.data.to_global(next(it))
+        state, metrics = run.step_fn(state, batch)
+        step += 1
+        do_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if do_eval or step % cfg.log_every == 0 or step == end:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            scalars["tokens_per_s"] = (step - step_last) * run.tokens_per_step() / max(now - t_last, 1e-9)
+            if do_eval:
+                scalars["eval_loss"] = evaluate(run, state["params"], eval_batches)
+            t_last, step_last = time.perf_counter(), step
+            run.last_metrics = {**run.last_metrics, **scalars}
+            writer.write(step, scalars)
+            writer.progress(step, {"loss": scalars["loss"], "tok/s": scalars["tokens_per_s"]})
+        ckpt.poll()
+    if run.cfg.checkpoint.enabled and ckpt.schedule.last_save_step != step:
+        save(run, ckpt, step, state, start)
+    ckpt.wait()
+    return TrainResult(step, state, dict(run.last_metrics), step < cfg.steps)
