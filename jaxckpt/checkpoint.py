@@ -7,8 +7,13 @@ config, mesh, versions, data fingerprint and position, and the metrics at that s
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxckpt import integrity
 from jaxckpt.config import CheckpointConfig, ConfigError
 from jaxckpt.metrics import log
 from jaxckpt.policies import Clock, retention, save_schedule
@@ -28,9 +34,27 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def _type_handlers() -> Any:
+    """Orbax's default type handlers, but jax.Array without replica-parallel writes.
+
+    Replica-parallel saving slices replicated arrays with eager jax ops, which compiles a
+    program per shape on the first save (~2 s blocking on CPU); each shard is written once anyway.
+    """
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    from orbax.checkpoint._src.serialization import type_handler_registry as thr
+
+    array = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+    )
+    defaults = [(t, h) for t, h in thr._DEFAULT_TYPE_HANDLERS if t is not jax.Array]  # noqa: SLF001
+    return thr.create_type_handler_registry(*defaults, (jax.Array, array))
+
+
 def state_handler() -> ocp.PyTreeCheckpointHandler:
     # Compression costs most of the save time on few cores for little space (DESIGN.md §3).
-    return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
+    return ocp.PyTreeCheckpointHandler(
+        use_ocdbt=True, use_zarr3=True, use_compression=False, type_handler_registry=_type_handlers()
+    )
 
 
 def make_manager(directory: Path, async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
@@ -50,16 +74,39 @@ def make_manager(directory: Path, async_save: bool = True, read_only: bool = Fal
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+def _is_enospc(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def read_meta(directory: Path, step: int) -> dict[str, Any]:
     """The ``meta`` item of a checkpoint, read straight from its JSON file."""
-    import json
-
     path = Path(directory) / str(step) / "meta" / "metadata"
     return json.loads(path.read_text())
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed (full disk, unwritable storage); committed checkpoints are untouched."""
+
+
+@dataclass
+class _Pending:
+    step: int
+    t0: float
+    blocking: float
+    finalizer: threading.Thread | None = None
+    error: BaseException | None = None
+
+
 class Checkpointer:
-    """Save policy, retention and exact restore around one ``CheckpointManager``."""
+    """Save policy, retention, integrity manifests and exact restore around one ``CheckpointManager``.
+
+    A save goes: Orbax async write + commit -> (background) fsync + checksum manifest -> retention.
+    Only steps with a manifest count as complete.
+    """
 
     def __init__(self, directory: Path, cfg: CheckpointConfig, clock: Clock = time.monotonic):
         self.directory, self.cfg, self.clock = Path(directory), cfg, clock
@@ -68,12 +115,16 @@ class Checkpointer:
         self.schedule = save_schedule(cfg, clock)
         self.retention = retention(cfg)
         self._metrics: dict[int, dict[str, float]] = {}
-        self._inflight: tuple[int, float, float] | None = None  # step, start, blocking seconds
+        self._pending: _Pending | None = None
         self.last_blocking_s = 0.0
+        self.last_durable_s = 0.0
 
     # -- queries ---------------------------------------------------------------------------
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def complete_steps(self) -> list[int]:
+        return [s for s in self.steps() if integrity.has_manifest(self.step_dir(s))]
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
@@ -94,35 +145,88 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         )
-        self.manager.save(step, args=args, force=True)
+        self.schedule.saved(step)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - any failure here is a failed save
+            self._failed(step, e)
+            return time.perf_counter() - t0
         blocking = time.perf_counter() - t0
         self._metrics[step] = dict(meta.get("metrics", {}))
-        self._inflight = (step, t0, blocking)
-        self.schedule.saved(step)
+        self._pending = _Pending(step, t0, blocking)
         self.last_blocking_s = blocking
         if not self.cfg.async_save:
-            self.poll()
+            self.wait()
         return blocking
 
-    def poll(self) -> None:
-        """Report and apply retention once the in-flight save (if any) has committed."""
-        if self._inflight is None or self.manager.is_saving_in_progress():
+    def _failed(self, step: int, e: BaseException) -> None:
+        """Turn a failed save into a clear message; remove its uncommitted leftovers."""
+        self._pending = None
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.step_dir(step).exists() and not integrity.has_manifest(self.step_dir(step)):
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+        self.manager.reload()
+        cause = "the disk is full" if _is_enospc(e) else f"{type(e).__name__}: {e}"
+        msg = (f"saving checkpoint {step} to {self.directory} failed: {cause}. Committed checkpoints "
+               f"{self.complete_steps()} are intact. Free space or point --workdir at writable storage"
+               + ("; training continues (checkpoint.on_save_error=continue)."
+                  if self.cfg.on_save_error == "continue" else
+                  ", then re-run the same command to resume (or set checkpoint.on_save_error=continue)."))
+        if self.cfg.on_save_error == "continue":
+            log("WARNING: " + msg)
             return
-        self.manager.check_for_errors()
-        step, t0, blocking = self._inflight
-        self._inflight = None
-        total = time.perf_counter() - t0
-        size = dir_size(self.step_dir(step))
-        log(f"checkpoint {step}: {size / 1e6:.1f} MB, blocked {blocking:.3f}s, durable in {total:.2f}s")
+        raise CheckpointSaveError(msg) from e
+
+    def _finalize(self, pending: _Pending) -> None:
+        try:
+            integrity.write_manifest(self.step_dir(pending.step))
+        except BaseException as e:  # noqa: BLE001 - reported on the main thread by poll()
+            pending.error = e
+
+    def poll(self) -> None:
+        """Advance the pending save: committed -> manifest thread -> log + retention."""
+        p = self._pending
+        if p is None:
+            return
+        if p.finalizer is None:
+            if self.manager.is_saving_in_progress():
+                return
+            try:
+                self.manager.check_for_errors()
+            except Exception as e:  # noqa: BLE001
+                return self._failed(p.step, e)
+            p.finalizer = threading.Thread(target=self._finalize, args=(p,), name="jaxckpt-manifest")
+            p.finalizer.start()
+        if p.finalizer.is_alive():
+            return
+        self._pending = None
+        if p.error is not None:
+            return self._failed(p.step, p.error)
+        self.last_durable_s = time.perf_counter() - p.t0
+        size = dir_size(self.step_dir(p.step))
+        log(f"checkpoint {p.step}: {size / 1e6:.1f} MB, blocked {p.blocking:.3f}s, "
+            f"durable and verified in {self.last_durable_s:.2f}s")
+        if self.last_durable_s > self.cfg.grace_seconds:
+            log(f"WARNING: this save took {self.last_durable_s:.1f}s, more than checkpoint.grace_seconds="
+                f"{self.cfg.grace_seconds:g}: a preemption notice may end the job before its checkpoint is durable")
         self.apply_retention()
 
     def wait(self) -> None:
-        """Block until the in-flight save (if any) has committed."""
-        self.manager.wait_until_finished()
+        """Block until the pending save (if any) is durable, checksummed and retention applied."""
+        if self._pending is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            return self._failed(self._pending.step, e)
         self.poll()
+        if self._pending is not None and self._pending.finalizer is not None:
+            self._pending.finalizer.join()
+            self.poll()
 
     def apply_retention(self) -> list[int]:
-        steps = self.steps()
+        steps = self.complete_steps()
         for s in steps:
             if s not in self._metrics:
                 try:
@@ -134,6 +238,16 @@ class Checkpointer:
         for s in deleted:
             self.manager.delete(s)
         return deleted
+
+    def quarantine(self, step: int, reason: str) -> Path:
+        """Move a bad step out of the way (never delete it) so it is not resumed or overwritten."""
+        dest = self.directory.parent / "quarantine" / f"{step}-{int(time.time())}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.step_dir(step), dest)
+        (dest / "QUARANTINED.txt").write_text(reason + "\n")
+        self.manager.reload()
+        log(f"moved bad checkpoint {step} to {dest}: {reason}")
+        return dest
 
     # -- restoring -------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: PyTree, data_iter: Any | None) -> PyTree:

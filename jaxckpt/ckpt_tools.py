@@ -57,7 +57,8 @@ def inspect(path: Path, step: int | None) -> str:
         spec = getattr(sharding, "partition_spec", None) or getattr(sharding, "spec", None)
         lines.append(f"  {jax.tree_util.keystr(key):<60} {str(getattr(leaf, 'dtype', '')):<9} "
                      f"{str(tuple(getattr(leaf, 'shape', ()))):<16} {spec if spec is not None else ''}")
-    lines.append(f"mesh: {meta.get('mesh')}  devices: {meta.get('device_count')}  processes: {meta.get('process_count')}")
+    lines.append(f"mesh: {meta.get('mesh')}  devices: {meta.get('device_count')}  "
+                 f"processes: {meta.get('process_count')}")
     lines.append(f"data: {json.dumps(meta.get('data'))}")
     lines.append(f"metrics: {json.dumps(meta.get('metrics'))}")
     lines.append(f"versions: {json.dumps(meta.get('versions'))}")

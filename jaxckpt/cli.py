@@ -78,15 +78,24 @@ def _ckpt(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from jaxckpt.checkpoint import CheckpointSaveError
     from jaxckpt.config import ConfigError
+    from jaxckpt.lock import WorkdirLocked
+    from jaxckpt.preemption import EXIT_PREEMPTED, Preempted
     from jaxckpt.resume import ResumeError
 
     handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt}
     try:
         return handlers[args.cmd](args)
-    except (ConfigError, ResumeError, FileNotFoundError, FileExistsError) as e:
+    except Preempted as e:
+        print(f"[jaxckpt] {e}; re-run the same command to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (ConfigError, ResumeError, WorkdirLocked, FileNotFoundError, FileExistsError) as e:
         print(f"jaxckpt: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointSaveError as e:
+        print(f"jaxckpt: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

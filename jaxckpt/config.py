@@ -111,7 +111,9 @@ class CheckpointConfig:
     best_metric: str = "eval_loss"
     best_mode: Literal["min", "max"] = "min"
     async_save: bool = True
-    verify_on_resume: bool = True
+    verify_on_resume: bool = True  # check every byte against the checksum manifest before restoring
+    on_save_error: Literal["stop", "continue"] = "stop"  # full disk etc.: stop cleanly, or keep training
+    grace_seconds: float = 30.0  # preemption notice; warn when a save is estimated to take longer
 
     def validate(self) -> None:
         _check(self.every_steps >= 0 and self.every_seconds >= 0, "checkpoint intervals must be >= 0")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxckpt.config import ConfigError, MeshConfig
 
@@ -31,14 +32,14 @@ def resolve_mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     if -1 in sizes:
         if n_devices % known:
             raise ConfigError(
-                f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {n_devices} devices: "
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill {n_devices} devices: "
                 f"{n_devices} is not divisible by {known}. Choose sizes whose product divides "
                 f"{n_devices}, e.g. mesh.data=-1 mesh.fsdp=1 mesh.tensor=1"
             )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
         raise ConfigError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices but "
             f"{n_devices} are available. Set one axis to -1 (e.g. mesh.data=-1) or make the "
             f"product of mesh.data*mesh.fsdp*mesh.tensor equal {n_devices}"
         )

@@ -7,8 +7,9 @@ checkpoints stay, and why?". Both take time from an injected clock so tests neve
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from jaxckpt.config import CheckpointConfig
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from jaxckpt import checkpoint as ckpt_lib
+from jaxckpt import integrity
 from jaxckpt.config import Config
 from jaxckpt.metrics import log
 from jaxckpt.state import create_state
@@ -122,39 +123,59 @@ def prepare_dir(cfg: Config, workdir: Path) -> None:
         )
 
 
+def _usable(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> str | None:
+    """Why ``step`` cannot be trusted, or None if its bytes match its manifest."""
+    step_dir = ckpt.step_dir(step)
+    if not integrity.has_manifest(step_dir):
+        return integrity.verify(step_dir)[0]
+    if run.cfg.checkpoint.verify_on_resume:
+        problems = integrity.verify(step_dir)
+        if problems:
+            return "; ".join(problems[:5])
+    return None
+
+
+def _restore_step(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> Start:
+    meta = ckpt.meta(step)
+    check_compatible(run, meta, step)
+    pos = meta["data"]
+    same_topology = (pos["process_count"], pos["worker_count"]) == (jax.process_count(), run.cfg.data.worker_count)
+    offset = pos["offset"] if same_topology else step
+    iterator = run.data.train_iterator(offset)
+    try:
+        state = ckpt.restore(step, run.abstract_state(), iterator if same_topology else None)
+    except BaseException:
+        getattr(iterator, "close", lambda: None)()
+        raise
+    how = "data iterator restored" if same_topology else "data stream repositioned at global batch"
+    log(f"resumed from checkpoint {step} in {ckpt.directory} ({how} {step})")
+    run.last_metrics = dict(meta.get("metrics", {}))
+    return Start(state, step, iterator, offset, resumed_from=step)
+
+
 def restore_latest(run: Run, ckpt: ckpt_lib.Checkpointer) -> Start | None:
-    """Restore the newest checkpoint that restores; older ones are tried if newer ones fail."""
-    steps = ckpt.steps()
-    failures = []
+    """Restore the newest good checkpoint; bad newer ones are reported, then moved aside."""
+    steps, bad = ckpt.steps(), []
     for step in reversed(steps):
-        try:
-            meta = ckpt.meta(step)
-        except (OSError, ValueError, KeyError) as e:
-            failures.append(f"{step}: unreadable meta ({e})")
-            log(f"checkpoint {step} is unusable (unreadable meta: {e}); trying an older one")
-            continue
-        check_compatible(run, meta, step)
-        pos = meta["data"]
-        same_topology = (pos["process_count"], pos["worker_count"]) == (jax.process_count(),
-                                                                          run.cfg.data.worker_count)
-        offset = pos["offset"] if same_topology else step
-        iterator = run.data.train_iterator(offset)
-        try:
-            state = ckpt.restore(step, run.abstract_state(), iterator if same_topology else None)
-        except Exception as e:  # noqa: BLE001 - any restore failure means: try an older one
-            getattr(iterator, "close", lambda: None)()
-            failures.append(f"{step}: {type(e).__name__}: {e}")
-            log(f"checkpoint {step} failed to restore ({type(e).__name__}: {e}); trying an older one")
-            continue
-        how = "data iterator restored" if same_topology else "data stream repositioned at global batch"
-        log(f"resumed from checkpoint {step} in {ckpt.directory} ({how} {step})")
-        run.last_metrics = dict(meta.get("metrics", {}))
-        return Start(state, step, iterator, offset, resumed_from=step)
+        reason = _usable(run, ckpt, step)
+        if reason is None:
+            try:
+                start = _restore_step(run, ckpt, step)
+            except ResumeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any restore failure means: try an older one
+                reason = f"restore failed: {type(e).__name__}: {e}"
+            else:
+                for s, why in bad:
+                    ckpt.quarantine(s, why)
+                return start
+        bad.append((step, reason))
+        log(f"WARNING: checkpoint {step} is not usable ({reason}); trying an older one")
     if steps:
         raise ResumeError(
-            f"no checkpoint in {ckpt.directory} could be restored; nothing was deleted:\n  "
-            + "\n  ".join(failures)
-            + "\nFix or move the directory, or start fresh with train.resume=overwrite."
+            f"no checkpoint in {ckpt.directory} is usable; nothing was deleted:\n  "
+            + "\n  ".join(f"{s}: {why}" for s, why in bad)
+            + "\nMove the directory aside, or start fresh with train.resume=overwrite (deletes them)."
         )
     return None
 

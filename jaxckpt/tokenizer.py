@@ -35,7 +35,8 @@ class SentencePieceTokenizer:
         try:
             import sentencepiece as spm
         except ImportError:
-            raise SystemExit(f"{path}: install sentencepiece to use a .model tokenizer (pip install sentencepiece)")
+            msg = f"{path}: install sentencepiece to use a .model tokenizer (pip install sentencepiece)"
+            raise SystemExit(msg) from None
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
         self.name, self.vocab_size = f"sentencepiece:{path}", int(self._sp.get_piece_size())
 
@@ -51,7 +52,7 @@ class HuggingFaceTokenizer:
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
-            raise SystemExit(f"{path}: install tokenizers to use a tokenizer.json (pip install tokenizers)")
+            raise SystemExit(f"{path}: install tokenizers to use a tokenizer.json (pip install tokenizers)") from None
         self._tok = HFTokenizer.from_file(str(path))
         self.name, self.vocab_size = f"hf:{path}", int(self._tok.get_vocab_size())
 

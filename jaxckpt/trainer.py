@@ -18,10 +18,12 @@ from jaxckpt import resume as resume_lib
 from jaxckpt.checkpoint import Checkpointer
 from jaxckpt.config import Config
 from jaxckpt.data import DataPipeline
+from jaxckpt.lock import WorkdirLock
 from jaxckpt.mesh import describe, make_mesh
 from jaxckpt.metrics import MetricsWriter, log
 from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
+from jaxckpt.preemption import Preempted, PreemptionGuard
 from jaxckpt.state import ModelDef, abstract_state, state_shardings
 from jaxckpt.step import jit_eval_step, jit_train_step
 
@@ -87,23 +89,24 @@ def evaluate(run: Run, params: PyTree, batches: list[jax.Array]) -> float:
 
 
 def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult:
-    """Train to ``cfg.train.steps`` (or save and stop at ``stop_at``), resuming if possible."""
+    """Train to ``cfg.train.steps`` (or save and stop at ``stop_at``), resuming if possible.
+
+    Raises ``Preempted`` after saving when SIGTERM/SIGINT arrives.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    run = Run.build(cfg, workdir)
-    resume_lib.prepare_dir(cfg, workdir)
-    with Checkpointer(workdir / "checkpoints", cfg.checkpoint) as ckpt:
-        start = resume_lib.start_state(run, ckpt)
-        log(summary(run, param_count(start.state["params"]), start.step))
-        writer = MetricsWriter(workdir, cfg.train.tensorboard and jax.process_index() == 0,
-                               cfg.train.progress, cfg.train.steps, start.step)
-        try:
-            return loop(run, ckpt, writer, start, stop_at)
-        finally:
-            writer.close()
-            close = getattr(start.iterator, "close", None)
-            if close is not None:
-                close()
+    with PreemptionGuard() as guard, WorkdirLock(workdir):
+        run = Run.build(cfg, workdir)
+        resume_lib.prepare_dir(cfg, workdir)
+        with Checkpointer(workdir / "checkpoints", cfg.checkpoint) as ckpt:
+            start = resume_lib.start_state(run, ckpt)
+            log(summary(run, param_count(start.state["params"]), start.step))
+            writer = MetricsWriter(workdir, cfg.train.tensorboard, cfg.train.progress, cfg.train.steps, start.step)
+            try:
+                return loop(run, ckpt, writer, start, guard, stop_at)
+            finally:
+                writer.close()
+                getattr(start.iterator, "close", lambda: None)()
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
@@ -112,13 +115,18 @@ def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_l
 
 
 def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.Start,
-         stop_at: int | None) -> TrainResult:
+         guard: PreemptionGuard, stop_at: int | None) -> TrainResult:
     cfg = run.cfg.train
     state, step, it = start.state, start.step, start.iterator
     eval_batches = run.data.eval_batches(cfg.eval_batches) if cfg.eval_every else []
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     t_last, step_last = time.perf_counter(), step
     while step < end:
+        if guard.should_stop(step):
+            if ckpt.schedule.last_save_step != step:
+                save(run, ckpt, step, state, start)
+            ckpt.wait()
+            raise Preempted(step, guard.signame or "preemption notice")
         if ckpt.should_save(step):
             save(run, ckpt, step, state, start)
         batch = run.data.to_global(next(it))
