@@ -109,7 +109,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: Path, cfg: CheckpointConfig, clock: Clock = time.monotonic):
-        self.directory, self.cfg, self.clock = Path(directory), cfg, clock
+        self.directory, self.cfg, self.clock = Path(directory).absolute(), cfg, clock
         self.directory.mkdir(parents=True, exist_ok=True)
         self.manager = make_manager(self.directory, cfg.async_save)
         self.schedule = save_schedule(cfg, clock)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxckpt import integrity
 from jaxckpt.checkpoint import dir_size, list_steps, read_meta, resolve, state_handler
 from jaxckpt.config import CheckpointConfig, Config, ConfigError
 from jaxckpt.policies import retention
@@ -27,7 +28,7 @@ def list_table(path: Path) -> str:
     cfg = metas[steps[-1]].get("config", {}).get("checkpoint", {})
     policy = retention(CheckpointConfig(**cfg)) if cfg else None
     why = policy.reasons(steps, {s: m.get("metrics", {}) for s, m in metas.items()}) if policy else {}
-    rows = [f"{'step':>8}  {'saved at (UTC)':<19}  {'size MB':>9}  {'loss':>9}  kept because"]
+    rows = [f"{'step':>8}  {'saved at (UTC)':<19}  {'size MB':>9}  {'loss':>9}  {'complete':<8}  kept because"]
     for s in steps:
         m = metas[s]
         when = datetime.datetime.fromtimestamp(m["time"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S") \
@@ -35,7 +36,8 @@ def list_table(path: Path) -> str:
         loss = m.get("metrics", {}).get("loss")
         reasons = ", ".join(why.get(s, [])) or ("(unreadable meta)" if not m else "-")
         rows.append(f"{s:>8}  {when:<19}  {dir_size(directory / str(s)) / 1e6:>9.2f}  "
-                    f"{'' if loss is None else f'{loss:.4f}':>9}  {reasons}")
+                    f"{'' if loss is None else f'{loss:.4f}':>9}  "
+                    f"{'yes' if integrity.has_manifest(directory / str(s)) else 'NO':<8}  {reasons}")
     return "\n".join(rows)
 
 
@@ -98,3 +100,17 @@ def export(path: Path, step: int | None, out: Path) -> str:
         raise ConfigError(f"--out must end in .safetensors or .npz, got {out.name}")
     total = sum(a.nbytes for a in arrays.values())
     return f"exported {len(arrays)} arrays ({total / 1e6:.1f} MB) from step {step} to {out}"
+
+
+def verify(path: Path, step: int | None) -> tuple[bool, str]:
+    """Check one step (or all) against their checksum manifests; (all good, report)."""
+    directory = _ckpt_dir(Path(path))
+    steps = [step] if step is not None else list_steps(directory)
+    if not steps:
+        return False, f"no checkpoints in {directory}"
+    lines, ok = [], True
+    for s in steps:
+        problems = integrity.verify(directory / str(s))
+        ok = ok and not problems
+        lines.append(f"{s:>8}  " + ("OK" if not problems else "BAD\n" + "\n".join(f"          {p}" for p in problems)))
+    return ok, "\n".join(lines)

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("inspect", help="array tree, config and metrics of one checkpoint")
     ci.add_argument("dir", type=Path)
     ci.add_argument("--step", type=int)
+    cv = csub.add_parser("verify", help="check every byte against the checkpoint's checksum manifest")
+    cv.add_argument("dir", type=Path)
+    cv.add_argument("--step", type=int)
     ce = csub.add_parser("export", help="params only, to .safetensors or .npz")
     ce.add_argument("dir", type=Path)
     ce.add_argument("--step", type=int)
@@ -71,6 +74,10 @@ def _ckpt(args: argparse.Namespace) -> int:
         print(ckpt_tools.list_table(args.dir))
     elif args.ckpt_cmd == "inspect":
         print(ckpt_tools.inspect(args.dir, args.step))
+    elif args.ckpt_cmd == "verify":
+        ok, report = ckpt_tools.verify(args.dir, args.step)
+        print(report)
+        return 0 if ok else 1
     else:
         print(ckpt_tools.export(args.dir, args.step, args.out))
     return 0

@@ -14,7 +14,9 @@ import jax
 def log(msg: str) -> None:
     """One human-readable line on stderr, from process 0 only."""
     if jax.process_index() == 0:
-        print(f"[jaxckpt] {msg}", file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"[jaxckpt] {msg}", file=sys.stderr)  # keeps an active progress bar intact
 
 
 class MetricsWriter:

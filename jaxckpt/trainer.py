@@ -93,7 +93,7 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
 
     Raises ``Preempted`` after saving when SIGTERM/SIGINT arrives.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     with PreemptionGuard() as guard, WorkdirLock(workdir):
         run = Run.build(cfg, workdir)
