@@ -21,7 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt import integrity
+from jaxckpt import distributed, integrity
 from jaxckpt.config import CheckpointConfig, ConfigError
 from jaxckpt.metrics import log
 from jaxckpt.policies import Clock, retention, save_schedule
@@ -162,10 +162,11 @@ class Checkpointer:
     def _failed(self, step: int, e: BaseException) -> None:
         """Turn a failed save into a clear message; remove its uncommitted leftovers."""
         self._pending = None
-        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if self.step_dir(step).exists() and not integrity.has_manifest(self.step_dir(step)):
-            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            if self.step_dir(step).exists() and not integrity.has_manifest(self.step_dir(step)):
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
         self.manager.reload()
         cause = "the disk is full" if _is_enospc(e) else f"{type(e).__name__}: {e}"
         msg = (f"saving checkpoint {step} to {self.directory} failed: {cause}. Committed checkpoints "
@@ -181,49 +182,65 @@ class Checkpointer:
     def _finalize(self, pending: _Pending) -> None:
         try:
             integrity.write_manifest(self.step_dir(pending.step))
-        except BaseException as e:  # noqa: BLE001 - reported on the main thread by poll()
+        except BaseException as e:  # noqa: BLE001 - reported on the main thread
             pending.error = e
 
+    def _start_finalizer(self, p: _Pending) -> bool:
+        """Once Orbax committed ``p``: start the manifest thread (process 0). False if not committed yet."""
+        if p.finalizer is not None:
+            return True
+        if self.manager.is_saving_in_progress():
+            return False
+        self.manager.check_for_errors()
+        target = self._finalize if jax.process_index() == 0 else (lambda _: None)
+        p.finalizer = threading.Thread(target=target, args=(p,), name="jaxckpt-manifest")
+        p.finalizer.start()
+        return True
+
     def poll(self) -> None:
-        """Advance the pending save: committed -> manifest thread -> log + retention."""
+        """Advance the pending save without blocking: committed -> manifest -> log + retention.
+
+        With several processes only the manifest thread starts here; completion (which deletes
+        old steps collectively) happens in ``wait()``, which every process reaches at the same step.
+        """
         p = self._pending
         if p is None:
             return
-        if p.finalizer is None:
-            if self.manager.is_saving_in_progress():
+        try:
+            if not self._start_finalizer(p):
                 return
-            try:
-                self.manager.check_for_errors()
-            except Exception as e:  # noqa: BLE001
-                return self._failed(p.step, e)
-            p.finalizer = threading.Thread(target=self._finalize, args=(p,), name="jaxckpt-manifest")
-            p.finalizer.start()
-        if p.finalizer.is_alive():
+        except Exception as e:  # noqa: BLE001
+            return self._failed(p.step, e)
+        if not distributed.is_multiprocess() and not p.finalizer.is_alive():
+            self._complete(p)
+
+    def wait(self) -> None:
+        """Block until the pending save (if any) is durable, checksummed and retention applied."""
+        p = self._pending
+        if p is None:
             return
+        try:
+            self.manager.wait_until_finished()
+            self._start_finalizer(p)
+        except Exception as e:  # noqa: BLE001
+            return self._failed(p.step, e)
+        p.finalizer.join()
+        self._complete(p)
+
+    def _complete(self, p: _Pending) -> None:
         self._pending = None
-        if p.error is not None:
-            return self._failed(p.step, p.error)
+        failed = distributed.agree(int(p.error is not None))
+        if failed:
+            return self._failed(p.step, p.error or OSError(f"process 0 failed to finalize step {p.step}"))
+        distributed.barrier(f"jaxckpt_manifest_{p.step}")
         self.last_durable_s = time.perf_counter() - p.t0
-        size = dir_size(self.step_dir(p.step))
+        size = dir_size(self.step_dir(p.step)) if jax.process_index() == 0 else 0
         log(f"checkpoint {p.step}: {size / 1e6:.1f} MB, blocked {p.blocking:.3f}s, "
             f"durable and verified in {self.last_durable_s:.2f}s")
         if self.last_durable_s > self.cfg.grace_seconds:
             log(f"WARNING: this save took {self.last_durable_s:.1f}s, more than checkpoint.grace_seconds="
                 f"{self.cfg.grace_seconds:g}: a preemption notice may end the job before its checkpoint is durable")
         self.apply_retention()
-
-    def wait(self) -> None:
-        """Block until the pending save (if any) is durable, checksummed and retention applied."""
-        if self._pending is None:
-            return
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            return self._failed(self._pending.step, e)
-        self.poll()
-        if self._pending is not None and self._pending.finalizer is not None:
-            self._pending.finalizer.join()
-            self.poll()
 
     def apply_retention(self) -> list[int]:
         steps = self.complete_steps()
@@ -241,10 +258,12 @@ class Checkpointer:
 
     def quarantine(self, step: int, reason: str) -> Path:
         """Move a bad step out of the way (never delete it) so it is not resumed or overwritten."""
-        dest = self.directory.parent / "quarantine" / f"{step}-{int(time.time())}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.step_dir(step), dest)
-        (dest / "QUARANTINED.txt").write_text(reason + "\n")
+        dest = self.directory.parent / "quarantine" / f"{step}-{distributed.agree(int(time.time()))}"
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.step_dir(step), dest)
+            (dest / "QUARANTINED.txt").write_text(reason + "\n")
+        distributed.barrier(f"jaxckpt_quarantine_{step}")
         self.manager.reload()
         log(f"moved bad checkpoint {step} to {dest}: {reason}")
         return dest

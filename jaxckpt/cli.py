@@ -18,7 +18,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", help="run directory (default: ./runs/<config name>)")
     t.add_argument("--stop-at-step", type=int, default=None,
                    help="save a checkpoint at this step and exit (resume later with the same command)")
+    t.add_argument("--coordinator", help="multi-process: coordinator HOST:PORT (process 0's address)")
+    t.add_argument("--num-processes", type=int, help="multi-process: total number of processes")
+    t.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    t.add_argument("--heartbeat-timeout", type=int, default=60,
+                   help="multi-process: seconds before a silent peer is declared dead (default 60)")
     t.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+    la = sub.add_parser("launch", help="run a command in N local JAX processes (multi-host testing)")
+    la.add_argument("--processes", type=int, default=2)
+    la.add_argument("--devices-per-process", type=int, default=2, help="fake CPU devices per process")
+    la.add_argument("--grace", type=float, default=60.0, help="seconds the others get after one fails")
+    la.add_argument("args", nargs=argparse.REMAINDER, help="-- train …")
 
     pr = sub.add_parser("prepare", help="tokenize text files into a dataset directory")
     pr.add_argument("--input", nargs="+", required=True, type=Path)
@@ -45,16 +56,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jaxckpt import distributed
     from jaxckpt.config import load_config
     from jaxckpt.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    launch = distributed.Launch(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+    distributed.initialize(launch)
     name = Path(args.config).stem if args.config else "default"
     workdir = Path(args.workdir) if args.workdir else Path("runs") / name
     result = train(cfg, workdir, stop_at=args.stop_at_step)
     loss = result.metrics.get("loss", float("nan"))
-    print(f"[jaxckpt] done: step {result.step}, loss {loss:.4f}, workdir {workdir}", file=sys.stderr)
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"[jaxckpt] done: step {result.step}, loss {loss:.4f}, workdir {workdir}", file=sys.stderr)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from jaxckpt.launch import launch
+
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not rest:
+        raise FileNotFoundError("usage: jaxckpt launch --processes N -- train [train args…]")
+    return launch(rest, args.processes, args.devices_per_process, args.grace)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -91,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxckpt.preemption import EXIT_PREEMPTED, Preempted
     from jaxckpt.resume import ResumeError
 
-    handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt}
+    handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt, "launch": _launch}
     try:
         return handlers[args.cmd](args)
     except Preempted as e:

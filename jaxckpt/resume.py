@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from jaxckpt import checkpoint as ckpt_lib
-from jaxckpt import integrity
+from jaxckpt import distributed, integrity
 from jaxckpt.config import Config
 from jaxckpt.metrics import log
 from jaxckpt.state import create_state
@@ -116,6 +116,7 @@ def prepare_dir(cfg: Config, workdir: Path) -> None:
         if jax.process_index() == 0:
             log(f"train.resume=overwrite: deleting checkpoints {existing} in {directory}")
             ckpt_lib.remove_all(directory)
+        distributed.barrier("jaxckpt_overwrite")
     elif cfg.train.resume == "never" and existing:
         raise ResumeError(
             f"{directory} already holds checkpoints {existing} and train.resume=never. "
@@ -124,7 +125,13 @@ def prepare_dir(cfg: Config, workdir: Path) -> None:
 
 
 def _usable(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> str | None:
-    """Why ``step`` cannot be trusted, or None if its bytes match its manifest."""
+    """Why ``step`` cannot be trusted, or None if its bytes match its manifest (decided by process 0)."""
+    reason = _check_files(run, ckpt, step) if jax.process_index() == 0 else None
+    ok = distributed.agree(int(reason is None))
+    return None if ok else (reason or "rejected by process 0 (see its log)")
+
+
+def _check_files(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> str | None:
     step_dir = ckpt.step_dir(step)
     if not integrity.has_manifest(step_dir):
         return integrity.verify(step_dir)[0]
