@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,10 @@ class Checkpointer:
     Only steps with a manifest count as complete.
     """
 
-    def __init__(self, directory: Path, cfg: CheckpointConfig, clock: Clock = time.monotonic):
+    def __init__(self, directory: Path, cfg: CheckpointConfig, clock: Clock = time.monotonic,
+                 on_event: Callable[..., None] | None = None):
         self.directory, self.cfg, self.clock = Path(directory).absolute(), cfg, clock
+        self.on_event = on_event or (lambda kind, **fields: None)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.manager = make_manager(self.directory, cfg.async_save)
         self.schedule = save_schedule(cfg, clock)
@@ -235,6 +238,7 @@ class Checkpointer:
         distributed.barrier(f"jaxckpt_manifest_{p.step}")
         self.last_durable_s = time.perf_counter() - p.t0
         size = dir_size(self.step_dir(p.step)) if jax.process_index() == 0 else 0
+        self.on_event("checkpoint", step=p.step, blocking=p.blocking, durable=self.last_durable_s, bytes=size)
         log(f"checkpoint {p.step}: {size / 1e6:.1f} MB, blocked {p.blocking:.3f}s, "
             f"durable and verified in {self.last_durable_s:.2f}s")
         if self.last_durable_s > self.cfg.grace_seconds:
@@ -320,9 +324,14 @@ def resolve(spec: str) -> tuple[Path, int]:
     return path, step
 
 
+def param_name(path: tuple) -> str:
+    """Dotted name of a tree path (``blocks.0.attn.wq``), the same for int and str dict keys."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _shapes(tree: PyTree) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ())) for k, v in flat}
+    return {param_name(k): tuple(getattr(v, "shape", ())) for k, v in flat}
 
 
 def load_params(spec: str, abstract_params: PyTree) -> PyTree:

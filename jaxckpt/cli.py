@@ -25,6 +25,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="multi-process: seconds before a silent peer is declared dead (default 60)")
     t.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
+    rp = sub.add_parser("report", help="a run's history across restarts: times, lost steps, goodput")
+    rp.add_argument("dir", type=Path)
+    rp.add_argument("--plot", type=Path, help="also draw the loss curve with restarts to this PNG")
+
+    sp = sub.add_parser("sample", help="generate text from a checkpoint")
+    sp.add_argument("dir", type=Path, help="workdir or checkpoints dir, optionally DIR:STEP")
+    sp.add_argument("--prompt", default="")
+    sp.add_argument("--tokens", type=int, default=200)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--seed", type=int, default=0)
+
     la = sub.add_parser("launch", help="run a command in N local JAX processes (multi-host testing)")
     la.add_argument("--processes", type=int, default=2)
     la.add_argument("--devices-per-process", type=int, default=2, help="fake CPU devices per process")
@@ -83,6 +94,22 @@ def _launch(args: argparse.Namespace) -> int:
     return launch(rest, args.processes, args.devices_per_process, args.grace)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from jaxckpt import report
+
+    print(report.table(args.dir))
+    if args.plot:
+        print(f"plot: {report.plot(args.dir, args.plot)}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from jaxckpt.sample import sample
+
+    print(sample(str(args.dir), args.prompt, args.tokens, args.temperature, args.seed))
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from jaxckpt.data import prepare
 
@@ -117,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxckpt.preemption import EXIT_PREEMPTED, Preempted
     from jaxckpt.resume import ResumeError
 
-    handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt, "launch": _launch}
+    handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt, "launch": _launch,
+                "report": _report, "sample": _sample}
     try:
         return handlers[args.cmd](args)
     except Preempted as e:

@@ -132,6 +132,7 @@ class TrainConfig:
     init_from: str = ""  # PATH[:STEP] of a checkpoint to take params from (fine-tuning)
     progress: bool = True
     tensorboard: bool = True
+    compilation_cache: str = "auto"  # JAX persistent compilation cache dir; "auto" = user cache; "" = off
 
     def validate(self) -> None:
         _check(self.steps > 0, "train.steps must be positive")

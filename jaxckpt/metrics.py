@@ -64,7 +64,34 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / "metrics.jsonl"
+    return read_jsonl(Path(workdir) / "metrics.jsonl")
+
+
+class EventLog:
+    """``events.jsonl``: what happened when (starts, restores, first step, checkpoints, exits).
+
+    ``jaxckpt report`` rebuilds a run's history across restarts from it.
+    """
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / "events.jsonl"
+        self.enabled = jax.process_index() == 0
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+    return rows

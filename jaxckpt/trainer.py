@@ -20,7 +20,7 @@ from jaxckpt.config import Config
 from jaxckpt.data import DataPipeline
 from jaxckpt.lock import WorkdirLock
 from jaxckpt.mesh import describe, make_mesh
-from jaxckpt.metrics import MetricsWriter, log
+from jaxckpt.metrics import EventLog, MetricsWriter, log
 from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
 from jaxckpt.preemption import Preempted, PreemptionGuard
@@ -88,6 +88,27 @@ def evaluate(run: Run, params: PyTree, batches: list[jax.Array]) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
+def process_start_time() -> float:
+    """When this process started (for restart latency), from the OS; now if unknown."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or no /proc: fall back to now
+        return time.time()
+
+
+def enable_compilation_cache(setting: str) -> None:
+    """JAX's persistent compilation cache ("auto" = the user cache dir; "" = off)."""
+    if not setting:
+        return
+    from jaxckpt.data import cache_dir
+
+    path = cache_dir() / "xla" if setting == "auto" else Path(setting)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult:
     """Train to ``cfg.train.steps`` (or save and stop at ``stop_at``), resuming if possible.
 
@@ -95,18 +116,30 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(cfg.train.compilation_cache)
     with PreemptionGuard() as guard, WorkdirLock(workdir):
+        events = EventLog(workdir)
+        events.emit("start", process_start=process_start_time(), processes=jax.process_count(),
+                    devices=jax.device_count())
         run = Run.build(cfg, workdir)
         resume_lib.prepare_dir(cfg, workdir)
-        with Checkpointer(workdir / "checkpoints", cfg.checkpoint) as ckpt:
+        with Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=events.emit) as ckpt:
+            t0 = time.perf_counter()
             start = resume_lib.start_state(run, ckpt)
+            events.emit("restore" if start.resumed_from is not None else "init", step=start.step,
+                        seconds=time.perf_counter() - t0)
             log(summary(run, param_count(start.state["params"]), start.step))
             writer = MetricsWriter(workdir, cfg.train.tensorboard, cfg.train.progress, cfg.train.steps, start.step)
             try:
-                return loop(run, ckpt, writer, start, guard, stop_at)
+                result = loop(run, ckpt, writer, start, guard, stop_at, events)
+            except Preempted as e:
+                events.emit("preempted", step=e.step)
+                raise
             finally:
                 writer.close()
                 getattr(start.iterator, "close", lambda: None)()
+        events.emit("end", step=result.step)
+        return result
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
@@ -115,7 +148,7 @@ def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_l
 
 
 def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.Start,
-         guard: PreemptionGuard, stop_at: int | None) -> TrainResult:
+         guard: PreemptionGuard, stop_at: int | None, events: EventLog) -> TrainResult:
     cfg = run.cfg.train
     state, step, it = start.state, start.step, start.iterator
     eval_batches = run.data.eval_batches(cfg.eval_batches) if cfg.eval_every else []
@@ -130,7 +163,12 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
         if ckpt.should_save(step):
             save(run, ckpt, step, state, start)
         batch = run.data.to_global(next(it))
-        state, metrics = run.step_fn(state, batch)
+        if step == start.step:  # the first step compiles (or loads from the cache): time it
+            t_first = time.perf_counter()
+            state, metrics = jax.block_until_ready(run.step_fn(state, batch))
+            events.emit("first_step", step=step + 1, seconds=time.perf_counter() - t_first)
+        else:
+            state, metrics = run.step_fn(state, batch)
         step += 1
         do_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
         if do_eval or step % cfg.log_every == 0 or step == end:
