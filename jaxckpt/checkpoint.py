@@ -247,6 +247,11 @@ class Checkpointer:
         self.apply_retention()
 
     def apply_retention(self) -> list[int]:
+        """Delete what the retention policy does not keep, plus leftovers of never-completed saves.
+
+        A step loses its manifest first, so a deletion cut short by a kill leaves an incomplete
+        step (ignored, then cleaned up here later), never one that looks complete but lacks files.
+        """
         steps = self.complete_steps()
         for s in steps:
             if s not in self._metrics:
@@ -256,9 +261,15 @@ class Checkpointer:
                     self._metrics[s] = {}
         keep = self.retention.reasons(steps, self._metrics)
         deleted = [s for s, why in keep.items() if not why]
-        for s in deleted:
+        newest = max(steps, default=-1)
+        deleted += [s for s in self.steps() if s < newest and s not in keep]
+        for s in sorted(deleted):
+            if jax.process_index() == 0:
+                (self.step_dir(s) / integrity.MANIFEST).unlink(missing_ok=True)
+                integrity.fsync_dir(self.step_dir(s))
+            distributed.barrier(f"jaxckpt_unmanifest_{s}")
             self.manager.delete(s)
-        return deleted
+        return sorted(deleted)
 
     def quarantine(self, step: int, reason: str) -> Path:
         """Move a bad step out of the way (never delete it) so it is not resumed or overwritten."""
