@@ -146,6 +146,13 @@ class TokenWindows(grain.sources.RandomAccessDataSource):
         return f"TokenWindows({self.path}, seq_len={self.seq_len}, n={self._len})"
 
 
+def _absl_flags_parsed() -> None:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 @dataclass(frozen=True)
 class DataPosition:
     """Where a pipeline's iterator started (``offset``, in global batches) and its topology."""
@@ -199,6 +206,7 @@ class DataPipeline:
         ds = self._local_batches(self.train_src, shuffle=True)[offset:]
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=self.cfg.prefetch))
         if self.cfg.worker_count > 0:
+            _absl_flags_parsed()  # Grain's worker pool reads absl flags; nothing parses them under our CLI
             opts = grain.MultiprocessingOptions(
                 num_workers=self.cfg.worker_count, per_worker_buffer_size=self.cfg.prefetch
             )
@@ -210,6 +218,11 @@ class DataPipeline:
         return jax.make_array_from_process_local_data(self.sharding, local_bt, shape)
 
     def eval_batches(self, n: int) -> list[jax.Array]:
+        if len(self.val_src) == 0:
+            raise ConfigError(
+                f"the validation split of {self.path} has no window of {self.val_src.seq_len + 1} tokens; "
+                "prepare it with a larger --val-fraction, lower model.seq_len, or set train.eval_every=0"
+            )
         ds = self._local_batches(self.val_src, shuffle=False)
         return [self.to_global(ds[i]) for i in range(n)]
 

@@ -6,6 +6,7 @@ checkpoints stay, and why?". Both take time from an injected clock so tests neve
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,14 +81,15 @@ class Retention:
     def reasons(self, steps: list[int], metrics: dict[int, dict[str, float]]) -> dict[int, list[str]]:
         """Each step mapped to the reasons it is kept (an empty list means: delete it)."""
         out: dict[int, list[str]] = {s: [] for s in steps}
-        for s in sorted(steps)[-self.latest :]:
+        for s in sorted(steps)[len(steps) - self.latest :] if self.latest > 0 else []:
             out[s].append(f"latest {self.latest}")
         if self.every:
             for s in steps:
                 if s % self.every == 0:
                     out[s].append(f"every {self.every}")
         if self.best:
-            scored = [(metrics[s][self.metric], s) for s in steps if self.metric in metrics.get(s, {})]
+            scored = [(metrics[s][self.metric], s) for s in steps
+                      if not math.isnan(metrics.get(s, {}).get(self.metric, math.nan))]
             scored.sort(reverse=self.mode == "max")
             for _, s in scored[: self.best]:
                 out[s].append(f"best {self.best} by {self.metric}")
