@@ -81,7 +81,7 @@ class Retention:
     def reasons(self, steps: list[int], metrics: dict[int, dict[str, float]]) -> dict[int, list[str]]:
         """Each step mapped to the reasons it is kept (an empty list means: delete it)."""
         out: dict[int, list[str]] = {s: [] for s in steps}
-        for s in sorted(steps)[len(steps) - self.latest :] if self.latest > 0 else []:
+        for s in sorted(steps)[max(len(steps) - self.latest, 0) :] if self.latest > 0 else []:
             out[s].append(f"latest {self.latest}")
         if self.every:
             for s in steps:
