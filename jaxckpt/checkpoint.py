@@ -23,7 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxckpt import distributed, integrity
-from jaxckpt.config import CheckpointConfig, ConfigError
+from jaxckpt.config import CheckpointConfig
+from jaxckpt.errors import CheckpointSaveError, ConfigError
 from jaxckpt.metrics import log
 from jaxckpt.policies import Clock, retention, save_schedule
 
@@ -87,10 +88,6 @@ def read_meta(directory: Path, step: int) -> dict[str, Any]:
     """The ``meta`` item of a checkpoint, read straight from its JSON file."""
     path = Path(directory) / str(step) / "meta" / "metadata"
     return json.loads(path.read_text())
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save failed (full disk, unwritable storage); committed checkpoints are untouched."""
 
 
 @dataclass

@@ -67,11 +67,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxckpt import distributed
     from jaxckpt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors surface before JAX is imported
+    from jaxckpt import distributed
     from jaxckpt.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     launch = distributed.Launch(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     distributed.initialize(launch)
     name = Path(args.config).stem if args.config else "default"
@@ -138,11 +139,14 @@ def _ckpt(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from jaxckpt.checkpoint import CheckpointSaveError
-    from jaxckpt.config import ConfigError
-    from jaxckpt.lock import WorkdirLocked
-    from jaxckpt.preemption import EXIT_PREEMPTED, Preempted
-    from jaxckpt.resume import ResumeError
+    from jaxckpt.errors import (
+        EXIT_PREEMPTED,
+        CheckpointSaveError,
+        ConfigError,
+        Preempted,
+        ResumeError,
+        WorkdirLocked,
+    )
 
     handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt, "launch": _launch,
                 "report": _report, "sample": _sample}

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config or an override is invalid; the message says what and how to fix it."""
+from jaxckpt.errors import ConfigError
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -49,6 +47,7 @@ class ModelConfig:
         )
         _check((self.d_model // self.n_heads) % 2 == 0, "model.d_model/n_heads must be even (rotary)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.init_std > 0 and self.rope_theta > 0, "model.init_std and model.rope_theta must be positive")
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,8 @@ class OptimConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
         _check(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "optim.b1/b2 must be in [0, 1)")
         _check(self.clip_norm >= 0, "optim.clip_norm must be >= 0 (0 disables clipping)")
+        _check(self.eps > 0, "optim.eps must be positive")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.batch_size > 0, "data.batch_size must be positive")
         _check(self.worker_count >= 0, "data.worker_count must be >= 0")
+        _check(self.prefetch >= 1, "data.prefetch must be >= 1")
         _check(self.default_corpus_mb > 0, "data.default_corpus_mb must be positive")
 
 
@@ -137,7 +139,8 @@ class TrainConfig:
     def validate(self) -> None:
         _check(self.steps > 0, "train.steps must be positive")
         _check(self.log_every > 0, "train.log_every must be positive")
-        _check(self.eval_every >= 0 and self.eval_batches > 0, "train.eval_* must be positive")
+        _check(self.eval_every >= 0, "train.eval_every must be >= 0 (0 = no eval)")
+        _check(self.eval_batches > 0, "train.eval_batches must be positive")
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,18 @@ def prepare(inputs: list[Path], out: Path, tokenizer: str = "bytes", val_fractio
     tok = load_tokenizer(tokenizer)
     ids = np.concatenate([tok.encode(Path(p).read_text(encoding="utf-8", errors="replace")) for p in inputs])
     n_val = max(int(len(ids) * val_fraction), 1)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _write_dataset(tmp, out, tok, ids, n_val, inputs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_dataset(tmp: Path, out: Path, tok: Any, ids: np.ndarray, n_val: int, inputs: list[Path]) -> dict[str, Any]:
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     meta = {
         "tokenizer": tok.name,
         "vocab_size": tok.vocab_size,
@@ -66,10 +74,12 @@ def prepare(inputs: list[Path], out: Path, tokenizer: str = "bytes", val_fractio
         "sources": [str(p) for p in inputs][:20] + ([f"... {len(inputs) - 20} more"] if len(inputs) > 20 else []),
     }
     (tmp / META).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)  # the old dataset stays whole until the new one is in place
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 

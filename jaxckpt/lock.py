@@ -9,9 +9,7 @@ from pathlib import Path
 
 import jax
 
-
-class WorkdirLocked(RuntimeError):
-    pass
+from jaxckpt.errors import WorkdirLocked
 
 
 class WorkdirLock:

@@ -13,17 +13,8 @@ from types import FrameType
 
 import jax
 
+from jaxckpt.errors import EXIT_PREEMPTED, Preempted  # noqa: F401 - re-exported
 from jaxckpt.metrics import log
-
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a terminated job
-
-
-class Preempted(Exception):
-    """Raised by the trainer after the preemption checkpoint is durable."""
-
-    def __init__(self, step: int, signame: str):
-        super().__init__(f"preempted by {signame}: checkpoint at step {step} is durable")
-        self.step, self.signame = step, signame
 
 
 class PreemptionGuard:

@@ -16,6 +16,7 @@ import jax
 from jaxckpt import checkpoint as ckpt_lib
 from jaxckpt import distributed, integrity
 from jaxckpt.config import Config
+from jaxckpt.errors import ResumeError
 from jaxckpt.metrics import log
 from jaxckpt.state import create_state
 
@@ -27,10 +28,6 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tens
 # Config sections/keys that must not change across a resume (they change what the bits mean).
 UNSAFE_KEYS = ("model.", "optim.", "data.path", "data.shuffle_seed", "data.batch_size",
                "data.default_corpus_mb", "train.seed")
-
-
-class ResumeError(RuntimeError):
-    """Resuming is unsafe or impossible; the message lists why and how to proceed."""
 
 
 @dataclass
