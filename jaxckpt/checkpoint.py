@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import threading
@@ -291,10 +292,14 @@ class Checkpointer:
         return restored["state"]
 
     def close(self) -> None:
+        """Finish the pending save, then close Orbax (whose own errors repeat a failure already reported)."""
         try:
             self.wait()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001
+                logging.getLogger("jaxckpt.library").warning("closing the CheckpointManager failed", exc_info=e)
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,87 @@ def log(msg: str) -> None:
         tqdm.write(f"[jaxckpt] {msg}", file=sys.stderr)  # keeps an active progress bar intact
 
 
+def _is_library_noise(record: logging.LogRecord) -> bool:
+    """Orbax/Grain background-thread chatter and asyncio's exit-time reports: for the log file only."""
+    path = record.pathname.replace("\\", "/")
+    return "/orbax/" in path or "/grain/" in path or record.name in ("asyncio", "jaxckpt.library")
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that never prints "--- Logging error ---" (e.g. when it sits on the full disk)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's API
+        pass
+
+
+def _not_library_noise(record: logging.LogRecord) -> bool:
+    return not _is_library_noise(record)
+
+
+def route_library_logs(workdir: Path) -> None:
+    """Send Orbax/Grain/asyncio log records to ``WORKDIR/library.log``; keep stderr for people.
+
+    A failed save (a full disk) otherwise prints several tracebacks from Orbax's threads around our
+    one-line error.
+    """
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "jaxckpt", False):
+            root.removeHandler(h)
+            h.close()
+        elif isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.addFilter(_not_library_noise)  # e.g. a basicConfig handler some library installed
+    to_file = _QuietFileHandler(Path(workdir) / "library.log", delay=True)
+    to_file.addFilter(_is_library_noise)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.addFilter(_not_library_noise)
+    for h in (to_file, to_stderr):
+        h.setLevel(logging.WARNING)
+        h.jaxckpt = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    # Errors in library threads (Orbax's writers) and at interpreter exit go to the same file.
+    library = logging.getLogger("jaxckpt.library")
+    threading.excepthook = lambda a: library.error(
+        "uncaught exception in thread %s", getattr(a.thread, "name", "?"), exc_info=(a.exc_type, a.exc_value,
+                                                                                     a.exc_traceback))
+    sys.unraisablehook = lambda u: library.error(
+        "ignored exception in %r", u.object, exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+
+
+class JsonlAppender:
+    """Appends whole JSON lines: a row torn by a kill is dropped on open, a failed write is undone."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "a+b", buffering=0)
+        data_end = self._f.seek(0, 2)
+        if data_end:
+            self._f.seek(max(data_end - 65536, 0))
+            tail = self._f.read()
+            if not tail.endswith(b"\n"):
+                self._f.truncate(data_end - len(tail) + tail.rfind(b"\n") + 1)
+
+    def append(self, row: dict[str, Any]) -> None:
+        data = (json.dumps(row) + "\n").encode()
+        start = self._f.seek(0, 2)
+        try:
+            if self._f.write(data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (short write)", str(self.path))
+        except OSError:
+            self._f.truncate(start)
+            raise
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard if enabled."""
 
     def __init__(self, workdir: Path, tensorboard: bool, progress: bool, total_steps: int, start_step: int):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
-        self._file = open(self.path, "a") if self.enabled else None
+        self._file = JsonlAppender(self.path) if self.enabled else None
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -42,8 +119,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}, "time": time.time()}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            try:
+                self._file.append(row)
+            except OSError as e:
+                log(f"WARNING: cannot write {self.path} ({e}); metrics logging is off for this run, "
+                    "training goes on (TensorBoard and checkpoints are unaffected)")
+                self._file = None
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), step)
@@ -60,7 +142,10 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the warning was given on write
 
 
 def read_metrics(workdir: Path) -> list[dict[str, Any]]:
@@ -80,8 +165,14 @@ class EventLog:
     def emit(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+        try:
+            out = JsonlAppender(self.path)
+            try:
+                out.append({"event": kind, "time": time.time(), **fields})
+            finally:
+                out.close()
+        except OSError as e:
+            log(f"WARNING: cannot write {self.path} ({e}); the run's event history will have a gap")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -129,10 +129,8 @@ def _usable(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> str | None:
 
 
 def _check_files(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> str | None:
-    step_dir = ckpt.step_dir(step)
-    if not integrity.has_manifest(step_dir):
-        return integrity.verify(step_dir)[0]
     if run.cfg.checkpoint.verify_on_resume:
+        step_dir = ckpt.step_dir(step)
         problems = integrity.verify(step_dir)
         if problems:
             return "; ".join(problems[:5])
@@ -157,8 +155,19 @@ def _restore_step(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> Start:
     return Start(state, step, iterator, offset, resumed_from=step)
 
 
+def drop_incomplete(ckpt: ckpt_lib.Checkpointer) -> None:
+    """Remove steps without a manifest: saves cut short by a crash, never committed by jaxckpt."""
+    for step in ckpt.steps():
+        local = jax.process_index() == 0 and not integrity.has_manifest(ckpt.step_dir(step))
+        if distributed.agree(int(local)):
+            log(f"removing incomplete checkpoint {step}: its save never completed (the process was stopped "
+                "while writing it)")
+            ckpt.manager.delete(step)
+
+
 def restore_latest(run: Run, ckpt: ckpt_lib.Checkpointer) -> Start | None:
     """Restore the newest good checkpoint; bad newer ones are reported, then moved aside."""
+    drop_incomplete(ckpt)
     steps, bad = ckpt.steps(), []
     for step in reversed(steps):
         reason = _usable(run, ckpt, step)

@@ -20,7 +20,7 @@ from jaxckpt.config import Config
 from jaxckpt.data import DataPipeline
 from jaxckpt.lock import WorkdirLock
 from jaxckpt.mesh import describe, make_mesh
-from jaxckpt.metrics import EventLog, MetricsWriter, log
+from jaxckpt.metrics import EventLog, MetricsWriter, log, route_library_logs
 from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
 from jaxckpt.preemption import Preempted, PreemptionGuard
@@ -100,7 +100,9 @@ def process_start_time() -> float:
 
 def enable_compilation_cache(setting: str) -> None:
     """JAX's persistent compilation cache ("auto" = the user cache dir; "" = off)."""
-    if not setting:
+    if not setting or (jax.process_count() > 1 and jax.default_backend() == "cpu"):
+        # CPU cache keys include the device assignment, so only process 0 would hit the cache; the
+        # other processes then reach the first collective >30 s later and gloo's fixed timeout fires.
         return
     from jaxckpt.data import cache_dir
 
@@ -118,6 +120,7 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
     workdir.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(cfg.train.compilation_cache)
     with PreemptionGuard() as guard, WorkdirLock(workdir):
+        route_library_logs(workdir)
         events = EventLog(workdir)
         events.emit("start", process_start=process_start_time(), processes=jax.process_count(),
                     devices=jax.device_count())
@@ -159,7 +162,7 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
             if ckpt.schedule.last_save_step != step:
                 save(run, ckpt, step, state, start)
             ckpt.wait()
-            raise Preempted(step, guard.signame or "preemption notice")
+            raise Preempted(step, guard.signame or "a preemption notice (SIGTERM, via JAX)")
         if ckpt.should_save(step):
             save(run, ckpt, step, state, start)
         batch = run.data.to_global(next(it))
