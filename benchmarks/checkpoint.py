@@ -1,0 +1,692 @@
+"""Checkpoint save/restore of a ~1 GB fp32 train state: jaxckpt's Orbax settings vs stock Orbax vs the disk.
+
+    python benchmarks/checkpoint.py                       # jaxckpt + stock Orbax, 2 reps (~3-5 min)
+    python benchmarks/checkpoint.py --gb 0.25 --reps 1    # quick
+    python benchmarks/checkpoint.py --devices 8           # state sharded over 8 fake CPU devices
+    python benchmarks/checkpoint.py --variants jaxckpt,zarr3,target64m,io-sync-off   # experiments
+    python benchmarks/checkpoint.py --list-variants
+
+The state is jaxckpt's own train state (params + AdamW moments + step + rng, created sharded by
+``jaxckpt.state.create_state`` for a GPT-style config sized to ``--gb``), filled with random values so
+compression cannot cheat on all-zero moments. Every phase runs in a fresh subprocess so its peak RSS
+(VmHWM, reset just before the phase) is separable. Per repetition: dd, numpy, then each variant's
+save and restore; medians over repetitions are reported. GB = 1e9 bytes.
+
+Save: *blocking* = time ``CheckpointManager.save()`` holds the caller; *durable* = from ``save()`` to
+``wait_until_finished()`` plus an fsync of every file and directory of the checkpoint and its parent
+(TensorStore fsyncs its data files itself, but Orbax writes its metadata files and renames the
+directories without fsync; the fsync pass is timed and shown on its own).
+Restore: into the target shardings (ShapeDtypeStructs with NamedShardings), in a fresh process:
+a first restore (page cache warm from the save), then *cold* (after ``echo 3 > drop_caches``, or
+``posix_fadvise(DONTNEED)`` on every checkpoint file if that is not permitted), then *warm* again.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _early_devices(argv: list[str]) -> int:
+    """``--devices N`` must take effect before JAX is imported."""
+    for i, a in enumerate(argv):
+        if a == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--devices="):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
+N_DEVICES = _early_devices(sys.argv)
+if N_DEVICES > 1:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+    ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from jaxckpt import checkpoint as ckpt_lib
+
+try:  # the CRC32 manifest jaxckpt writes after each save and checks on resume
+    from jaxckpt import integrity
+except ImportError:  # older library: no manifest
+    integrity = None  # type: ignore[assignment]
+from jaxckpt.checkpoint import make_manager
+from jaxckpt.config import MeshConfig, ModelConfig, OptimConfig
+from jaxckpt.mesh import make_mesh
+from jaxckpt.optim import make_optimizer
+from jaxckpt.state import ModelDef, abstract_state
+
+PyTree = Any
+MiB = 2**20
+
+# ----------------------------------------------------------------------------------------------
+# The state
+
+
+def model_config(gb: float) -> ModelConfig:
+    """A GPT-style config whose params + 2 Adam moments (12 bytes/param) come to about ``gb`` GB."""
+    d, ff = 768, 2048
+    vocab = 32768 if gb >= 0.6 else 4096
+    per_layer = 4 * d * d + 3 * d * ff + 2 * d
+    layers = max(1, round((gb * 1e9 / 12 - vocab * d) / per_layer))
+    return ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=12, d_ff=ff, seq_len=128)
+
+
+def pieces(gb: float) -> tuple[ModelDef, Any, Any]:
+    mdef = ModelDef.build(model_config(gb))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))  # params sharded over all devices (FSDP)
+    return mdef, make_optimizer(OptimConfig(), 1000), mesh
+
+
+def build_state(gb: float) -> PyTree:
+    """jaxckpt's train-state tree (``abstract_state``), every leaf a sharded jax.Array with random-looking data.
+
+    Float leaves are tiled from a 64 MiB block of N(0, 0.02) (longer than any zstd window, so compression
+    cannot cheat as it would on fresh all-zero Adam moments); integer leaves are zeros. Built with numpy +
+    ``jax.device_put`` because XLA's RNG runs at ~10 M values/s on these 2 cores.
+    """
+    abstract = target(gb)
+    block = np.random.default_rng(0).normal(0.0, 0.02, 16 * MiB).astype(np.float32)
+
+    def leaf(i: int, a: jax.ShapeDtypeStruct) -> jax.Array:
+        host = np.zeros(a.shape, a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            flat, start, lo = host.reshape(-1), (i * 7919) % block.size, 0
+            while lo < flat.size:  # np.resize is ~10x slower than these slice copies
+                n = min(block.size - start, flat.size - lo)
+                flat[lo : lo + n] = block[start : start + n]
+                lo, start = lo + n, 0
+        return jax.device_put(host, a.sharding)
+
+    leaves, treedef = jax.tree.flatten(abstract)
+    return jax.block_until_ready(jax.tree.unflatten(treedef, [leaf(i, a) for i, a in enumerate(leaves)]))
+
+
+def target(gb: float) -> PyTree:
+    mdef, tx, mesh = pieces(gb)
+    return abstract_state(mdef, tx, mesh)
+
+
+def tree_bytes(tree: PyTree) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def checksum(tree: PyTree) -> float:
+    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants: how a checkpoint is written and read
+
+
+@dataclass(frozen=True)
+class Variant:
+    about: str
+    manager: Callable[[Path], ocp.CheckpointManager]
+    save: Callable[[PyTree], Any]
+    restore: Callable[[PyTree], Any]
+    ts_context: dict[str, Any] = field(default_factory=dict)  # extra TensorStore context (patched in)
+    aligned_reads: bool = False  # patch Orbax to read into 64-byte-aligned buffers (see aligned_read_shard)
+    manifest: bool = False  # jaxckpt's CRC32 manifest after the save / verify before restore (if the lib has it)
+
+
+def _restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
+def _pytree_manager(async_options: ocp.AsyncOptions | None = None,
+                    **handler_kwargs: Any) -> Callable[[Path], ocp.CheckpointManager]:
+    """Like jaxckpt.checkpoint.make_manager, with a PyTreeCheckpointHandler built from ``handler_kwargs``."""
+
+    def make(directory: Path) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
+                                               save_decision_policy=None, enable_background_delete=False,
+                                               async_options=async_options)
+        handlers = {"state": ocp.PyTreeCheckpointHandler(**handler_kwargs), "meta": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+    return make
+
+
+def _pytree_save(chunk_byte_size: int | None = None, target_file_size: int | None = None) -> Callable:
+    def save(state: PyTree) -> ocp.args.PyTreeSave:
+        save_args = None
+        if chunk_byte_size:
+            save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size), state)
+        return ocp.args.PyTreeSave(state, save_args=save_args, ocdbt_target_data_file_size=target_file_size)
+
+    return save
+
+
+def _handler_kwargs(**changes: Any) -> dict[str, Any]:
+    """jaxckpt's state_handler() settings (type handlers included, if the library defines them) + ``changes``."""
+    base: dict[str, Any] = {"use_ocdbt": True, "use_zarr3": True, "use_compression": False}
+    registry = getattr(ckpt_lib, "_type_handlers", None)
+    if registry is not None:
+        base["type_handler_registry"] = registry()
+    return {**base, **changes}
+
+
+def _ours(about: str, handler: dict[str, Any], ctx: dict[str, Any] | None = None, **save: Any) -> Variant:
+    """A variant with a differently configured PyTreeCheckpointHandler (not jaxckpt's make_manager)."""
+    async_options = handler.pop("async_options", None)
+    make = lambda d: _pytree_manager(async_options, **_handler_kwargs(**handler))(d)  # noqa: E731
+    return Variant(about, make, _pytree_save(**save), _restore_args, ctx or {})
+
+
+def _lib(about: str, ctx: dict[str, Any] | None = None, aligned: bool = False, **save: Any) -> Variant:
+    """jaxckpt's own make_manager() with different save args / TensorStore context / read patch."""
+    return Variant(about, make_manager, _pytree_save(**save), _restore_args, ctx or {}, aligned, manifest=True)
+
+
+T64 = 64 * MiB
+VARIANTS: dict[str, Variant] = {
+    # Picks up jaxckpt.checkpoint.OCDBT_TARGET_FILE_BYTES if the library defines it (proposed in README.md).
+    "jaxckpt": Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTreeRestore)", make_manager,
+                       _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
+                       _restore_args, manifest=True),
+    "stock": Variant("ocp.CheckpointManager defaults: StandardSave/Restore (OCDBT, zarr2, zstd)",
+                     lambda d: ocp.CheckpointManager(d), ocp.args.StandardSave, ocp.args.StandardRestore),
+    **{f"target{m}m": _lib(f"jaxckpt + PyTreeSave(ocdbt_target_data_file_size={m} MiB) (Orbax default 2 GiB)",
+                           target_file_size=m * MiB) for m in (16, 32, 64, 128, 256)},
+    "aligned": _lib("jaxckpt + restore reads into 64-byte-aligned buffers (jax.device_put aliases them: no copy)",
+                    aligned=True),
+    "best": _lib("jaxckpt + ocdbt_target_data_file_size=64 MiB + aligned restore reads", aligned=True,
+                 target_file_size=T64),
+    "chunk16m": _lib("jaxckpt + SaveArgs(chunk_byte_size=16 MiB) on every leaf", chunk_byte_size=16 * MiB),
+    "chunk64m": _lib("jaxckpt + SaveArgs(chunk_byte_size=64 MiB) on every leaf", chunk_byte_size=64 * MiB),
+    "t64-chunk16m": _lib("target64m + SaveArgs(chunk_byte_size=16 MiB)", target_file_size=T64,
+                         chunk_byte_size=16 * MiB),
+    "io8": _lib("jaxckpt + TensorStore file_io_concurrency=8 (default 128)", {"file_io_concurrency": {"limit": 8}}),
+    "copy1": _lib("jaxckpt + TensorStore data_copy_concurrency=1 (default: #cores)",
+                  {"data_copy_concurrency": {"limit": 1}}),
+    "t64-io8": _lib("target64m + file_io_concurrency=8", {"file_io_concurrency": {"limit": 8}}, target_file_size=T64),
+    "t64-copy1": _lib("target64m + data_copy_concurrency=1", {"data_copy_concurrency": {"limit": 1}},
+                      target_file_size=T64),
+    "io-sync-off": _lib("jaxckpt + TensorStore file_io_sync=false (durable only through the fsync pass)",
+                        {"file_io_sync": False}),
+    "zarr3": _ours("zarr3 without OCDBT (one directory per array), no compression", {"use_ocdbt": False}),
+    "zarr2-raw": _ours("OCDBT + zarr2, no compression", {"use_zarr3": False}),
+    "concurrent1": _ours("jaxckpt handler + save/restore_concurrent_gb=1",
+                         {"save_concurrent_gb": 1, "restore_concurrent_gb": 1}),
+    "syncdirs": _ours("jaxckpt handler + AsyncOptions(create_directories_asynchronously=False)",
+                      {"async_options": ocp.AsyncOptions(create_directories_asynchronously=False)}),
+}
+DEFAULT_VARIANTS = "jaxckpt,stock"
+
+
+async def aligned_read_shard(t: Any, *, new_shard_shape: Any, dtype: Any, requested_domain: Any,
+                             restricted_domain: Any) -> np.ndarray:
+    """Orbax's ``serialization._read_shard`` with a 64-byte-aligned destination.
+
+    Orbax reads each shard into ``np.zeros(...)`` and then ``jax.device_put``s it. NumPy's large
+    allocations sit 16 bytes past a page boundary, and the CPU client copies any buffer that is not
+    64-byte aligned (aligned ones are aliased, zero-copy) -- a full extra copy of the state.
+    """
+    np_dtype = np.dtype(t.dtype.numpy_dtype)
+    nbytes = math.prod(new_shard_shape) * np_dtype.itemsize
+    raw = np.zeros(nbytes + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    out = raw[off : off + nbytes].view(np_dtype).reshape(new_shard_shape)
+    await ts.array(out)[ts.d[:].translate_to[requested_domain.origin]][restricted_domain].write(t[restricted_domain])
+    if dtype is not None:  # as Orbax does: cast off the event loop (a no-op when the dtype already matches)
+        out = await asyncio.to_thread(out.astype, dtype, copy=False)
+    return out
+
+
+def apply_patches(variant: Variant) -> None:
+    patch_ts_context(variant.ts_context)
+    if variant.aligned_reads:
+        from orbax.checkpoint._src.serialization import serialization
+
+        serialization._read_shard = aligned_read_shard
+
+
+def patch_ts_context(extra: dict[str, Any]) -> None:
+    """Add ``extra`` to every TensorStore context Orbax creates (this process only)."""
+    if not extra:
+        return
+    original = ts_utils.get_ts_context
+
+    def get_ts_context(**kwargs: Any) -> Any:
+        return ts.Context({**original(**kwargs).spec.to_json(), **extra})
+
+    ts_utils.get_ts_context = get_ts_context
+
+
+# ----------------------------------------------------------------------------------------------
+# OS helpers
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def proc_status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def dirty_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Dirty:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, then ``root``'s parent."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+    fsync_dir(root.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_caches(root: Path) -> str:
+    """Evict ``root``'s files from the page cache; returns the method that worked."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return "drop_caches"
+    except OSError:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "fadvise"
+
+
+def dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (each runs in its own process)
+
+
+def warm_up(variant: Variant, scratch: Path) -> None:
+    """One tiny save + restore so one-off initialisation (thread pools, imports) is not timed."""
+    tiny = {"a": jnp.ones((64,), jnp.float32)}
+    with variant.manager(scratch) as mgr:
+        mgr.save(0, args=ocp.args.Composite(state=variant.save(tiny)))
+        mgr.wait_until_finished()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tiny)
+        mgr.restore(0, args=ocp.args.Composite(state=variant.restore(abstract)))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def worker_save(args: argparse.Namespace) -> dict[str, Any]:
+    variant, directory = VARIANTS[args.variant], Path(args.dir)
+    apply_patches(variant)
+    warm_up(variant, directory.with_name(directory.name + "-warmup"))
+    baseline = proc_status_mb("VmRSS")  # runtime + imports, before the state exists
+    state = build_state(args.gb)
+    out: dict[str, Any] = {"state_bytes": tree_bytes(state), "checksum": checksum(state), "baseline_mb": baseline}
+    mgr = variant.manager(directory)
+    meta = {"step": 1, "note": "benchmark"}
+    gc.collect()
+    reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    mgr.save(1, args=ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave(meta)), force=True)
+    t1 = time.perf_counter()
+    mgr.wait_until_finished()
+    t2 = time.perf_counter()
+    out["dirty_after_wait_mb"] = dirty_mb()
+    fsync_tree(directory / "1")
+    t3, out["cpu_s"] = time.perf_counter(), time.process_time() - c0
+    out["peak_rss_mb"] = proc_status_mb("VmHWM")
+    mgr.close()
+    if variant.manifest and integrity is not None:
+        t4 = time.perf_counter()
+        integrity.write_manifest(directory / "1")
+        out["manifest_s"] = time.perf_counter() - t4
+    out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0,
+               disk_bytes=dir_bytes(directory / "1"))
+    return out
+
+
+def timed_restore(mgr: ocp.CheckpointManager, variant: Variant, abstract: PyTree) -> dict[str, Any]:
+    gc.collect()
+    reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    restored = mgr.restore(1, args=ocp.args.Composite(state=variant.restore(abstract)))["state"]
+    jax.block_until_ready(restored)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = proc_status_mb("VmHWM")
+    same = all(x.sharding.is_equivalent_to(t.sharding, len(x.shape))
+               for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True))
+    out = {"s": dt, "cpu_s": cpu, "peak_rss_mb": peak, "checksum": checksum(restored), "shardings_ok": same}
+    del restored
+    gc.collect()
+    return out
+
+
+def worker_restore(args: argparse.Namespace) -> dict[str, Any]:
+    variant, directory = VARIANTS[args.variant], Path(args.dir)
+    apply_patches(variant)
+    abstract = target(args.gb)
+    warm_up(variant, directory.with_name(directory.name + "-warmup"))
+    baseline = proc_status_mb("VmRSS")
+    with variant.manager(directory) as mgr:
+        first = timed_restore(mgr, variant, abstract)  # peak RSS is only clean for this first one
+        method = drop_caches(directory)
+        cold = timed_restore(mgr, variant, abstract)
+        warm = timed_restore(mgr, variant, abstract)
+    out = {"restore_first": first, "restore_cold": cold, "restore_warm": warm, "evict": method,
+           "restore_baseline_mb": baseline}
+    if variant.manifest and integrity is not None and integrity.has_manifest(directory / "1"):
+        drop_caches(directory)
+        for label in ("verify_cold_s", "verify_warm_s"):
+            t0 = time.perf_counter()
+            out["verify_problems"] = integrity.verify(directory / "1")
+            out[label] = time.perf_counter() - t0
+    return out
+
+
+def numpy_read(path: Path, abstract: PyTree) -> tuple[float, float]:
+    """(seconds, peak RSS MB) to np.load every leaf from one file and device_put it into its sharding."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    gc.collect()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        arrays = [np.load(f) for _ in leaves]
+    restored = jax.device_put(arrays, [x.sharding for x in leaves])
+    jax.block_until_ready(restored)
+    dt, peak = time.perf_counter() - t0, proc_status_mb("VmHWM")
+    del arrays, restored
+    gc.collect()
+    return dt, peak
+
+
+def worker_numpy(args: argparse.Namespace) -> dict[str, Any]:
+    """Reference: every leaf np.save'd into one file, fsynced; then read back warm and cold."""
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "state.npy"
+    baseline = proc_status_mb("VmRSS")
+    state = build_state(args.gb)
+    gc.collect()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for x in jax.tree.leaves(state):
+            np.save(f, np.asarray(x))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(directory)
+    out: dict[str, Any] = {"durable_s": time.perf_counter() - t0, "peak_rss_mb": proc_status_mb("VmHWM"),
+                           "baseline_mb": baseline}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    del state
+    gc.collect()
+    _, out["first_peak_rss_mb"] = numpy_read(path, abstract)  # page cache warm from the write
+    out["evict"] = drop_caches(directory)
+    out["cold_s"], out["cold_peak_rss_mb"] = numpy_read(path, abstract)
+    out["warm_s"], out["warm_peak_rss_mb"] = numpy_read(path, abstract)
+    out["disk_bytes"] = path.stat().st_size
+    return out
+
+
+WORKERS = {"save": worker_save, "restore": worker_restore, "numpy": worker_numpy}
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration (the parent process runs dd and starts one subprocess per phase)
+
+
+def run_dd(directory: Path, nbytes: int) -> dict[str, float]:
+    """dd write (conv=fdatasync) of ``nbytes`` into ``directory``, then a cold dd read of it."""
+    path, count = directory / "dd.bin", math.ceil(nbytes / MiB)
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync"],
+                   check=True, capture_output=True)
+    write_s = time.perf_counter() - t0
+    drop_caches(directory)
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
+    read_s = time.perf_counter() - t0
+    path.unlink()
+    return {"write_s": write_s, "read_cold_s": read_s, "bytes": count * MiB}
+
+
+def run_worker(phase: str, args: argparse.Namespace, directory: Path, variant: str = "") -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", phase, "--dir", str(directory),
+           "--gb", str(args.gb), "--devices", str(args.devices), "--variant", variant or "jaxckpt"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log(f"  {phase} {variant} worker: {time.perf_counter() - t0:.0f}s wall")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        print(f"  {phase} {variant} FAILED (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        return {"error": f"rc {proc.returncode}: {tail.splitlines()[-1] if tail else ''}"}
+    return json.loads(lines[-1])
+
+
+def filesystem(directory: Path) -> str:
+    out = subprocess.run(["df", "-T", str(directory)], capture_output=True, text=True).stdout.splitlines()
+    dev, fstype, *_, mount = out[-1].split()
+    return f"{fstype} ({dev} mounted on {mount})"
+
+
+def run_all(args: argparse.Namespace, root: Path, nbytes: int) -> dict[str, list[dict[str, Any]]]:
+    names = [v for v in args.variants.split(",") if v]
+    results: dict[str, list[dict[str, Any]]] = {"dd": [], "numpy": [], **{v: [] for v in names}}
+    for rep in range(args.reps):
+        results["dd"].append(run_dd(root, nbytes))
+        log(f"rep {rep + 1}: dd write {results['dd'][-1]['write_s']:.2f}s")
+        if not args.no_numpy:
+            results["numpy"].append(run_worker("numpy", args, root / f"numpy-{rep}"))
+            shutil.rmtree(root / f"numpy-{rep}", ignore_errors=True)
+            log(f"rep {rep + 1}: numpy {results['numpy'][-1].get('durable_s', float('nan')):.2f}s")
+        for name in names:
+            d = root / f"{name}-{rep}"
+            row = run_worker("save", args, d, name)
+            if "error" not in row:
+                row.update(run_worker("restore", args, d, name))
+            shutil.rmtree(d, ignore_errors=True)
+            results[name].append(row)
+            log(f"rep {rep + 1}: {name} " + ", ".join(
+                f"{k} {row[k]:.2f}s" for k in ("blocking_s", "durable_s") if k in row))
+    return results
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def med(rows: list[dict[str, Any]], *keys: str) -> float:
+    """Median over repetitions of ``row[k1][k2]...`` (NaN if missing)."""
+    vals = []
+    for row in rows:
+        v: Any = row
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, int | float):
+            vals.append(float(v))
+    return statistics.median(vals) if vals else float("nan")
+
+
+def num(x: float, spec: str = ".2f") -> str:
+    return "-" if math.isnan(x) else format(x, spec)
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+SAVE_HEAD = ("| variant | blocking s | s/GB | ≤0.1 s/GB | durable s | s/GB | GB/s | ×dd | ≥0.8×dd "
+             "| of which fsync pass s | CPU s (save→durable) | dirty MB after wait | peak RSS ×state "
+             "| above baseline ×state | disk MB | + jaxckpt CRC32 manifest s |")
+
+
+def save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: float) -> list[str]:
+    dd_s = med(results["dd"], "write_s")
+    lines = [SAVE_HEAD, "|" + "---|" * 16,
+             f"| dd bs=1M conv=fdatasync | - | - | - | {dd_s:.2f} | {dd_s / gb:.2f} | {gb / dd_s:.2f} | 1.00 "
+             "| - | - | - | - | - | - | - | - |"]
+    if results["numpy"]:
+        s = med(results["numpy"], "durable_s")
+        peak, base = med(results["numpy"], "peak_rss_mb"), med(results["numpy"], "baseline_mb")
+        lines.append(f"| np.save + fsync | - | - | - | {s:.2f} | {s / gb:.2f} | {gb / s:.2f} | {dd_s / s:.2f} "
+                     f"| {mark(dd_s / s >= 0.8)} | - | - | - | {peak / state_mb:.2f} | {(peak - base) / state_mb:.2f} "
+                     f"| {med(results['numpy'], 'disk_bytes') / 1e6:.0f} | - |")
+    for name, rows in results.items():
+        if name in ("dd", "numpy"):
+            continue
+        if all("error" in r for r in rows):
+            lines.append(f"| {name} | error: {rows[0]['error'][:80]} |" + " |" * 14)
+            continue
+        b, d = med(rows, "blocking_s"), med(rows, "durable_s")
+        peak, before = med(rows, "peak_rss_mb"), med(rows, "baseline_mb")
+        lines.append(
+            f"| {name} | {b:.3f} | {b / gb:.3f} | {mark(b / gb <= 0.1)} | {d:.2f} | {d / gb:.2f} | {gb / d:.2f} "
+            f"| {dd_s / d:.2f} | {mark(dd_s / d >= 0.8)} | {med(rows, 'fsync_s'):.3f} | {med(rows, 'cpu_s'):.2f} "
+            f"| {med(rows, 'dirty_after_wait_mb'):.0f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
+            f"| {med(rows, 'disk_bytes') / 1e6:.0f} | {num(med(rows, 'manifest_s'))} |")
+    return lines
+
+
+RESTORE_HEAD = ("| variant | warm s | s/GB | ≤0.3 s/GB | CPU s (warm) | cold s | s/GB | first in process s "
+                "| peak RSS ×state (first) | above baseline ×state (first) | data + shardings ok "
+                "| jaxckpt CRC32 verify cold / warm s |")
+
+
+def restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: float) -> list[str]:
+    dd_r = med(results["dd"], "read_cold_s")
+    lines = [RESTORE_HEAD, "|" + "---|" * 12,
+             f"| dd read (cold cache) | - | - | - | - | {dd_r:.2f} | {dd_r / gb:.2f} | - | - | - | - | - |"]
+    if results["numpy"]:
+        w, c = med(results["numpy"], "warm_s"), med(results["numpy"], "cold_s")
+        peak = med(results["numpy"], "first_peak_rss_mb")
+        lines.append(f"| np.load + device_put | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | - | {c:.2f} "
+                     f"| {c / gb:.2f} | - | {peak / state_mb:.2f} | - | - | - |")
+    for name, rows in results.items():
+        if name in ("dd", "numpy") or all("restore_warm" not in r for r in rows):
+            continue
+        w, c = med(rows, "restore_warm", "s"), med(rows, "restore_cold", "s")
+        peak, before = med(rows, "restore_first", "peak_rss_mb"), med(rows, "restore_baseline_mb")
+        ok = all(r[k]["shardings_ok"] and math.isclose(r[k]["checksum"], r["checksum"], rel_tol=1e-6)
+                 and not r.get("verify_problems")
+                 for r in rows if "restore_warm" in r for k in ("restore_first", "restore_cold", "restore_warm"))
+        lines.append(
+            f"| {name} | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | {med(rows, 'restore_warm', 'cpu_s'):.2f} "
+            f"| {c:.2f} | {c / gb:.2f} "
+            f"| {med(rows, 'restore_first', 's'):.2f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
+            f"| {'yes' if ok else 'NO'} | {num(med(rows, 'verify_cold_s'))} / {num(med(rows, 'verify_warm_s'))} |")
+    return lines
+
+
+def report(args: argparse.Namespace, root: Path, nbytes: int, n_leaves: int,
+           results: dict[str, list[dict[str, Any]]]) -> str:
+    gb, state_mb = nbytes / 1e9, nbytes / MiB
+    evict = {r.get("evict") for rows in results.values() for r in rows if r.get("evict")}
+    lines = [
+        f"state: {nbytes / 1e9:.3f} GB fp32 train state ({n_leaves} leaves; {model_config(args.gb)}), "
+        f"sharded over {args.devices} CPU device(s); {args.reps} repetitions, medians shown",
+        f"checkpoint dir: {root} on {filesystem(root)}; page-cache eviction for cold reads: {', '.join(evict)}",
+        f"machine: {os.cpu_count()} CPUs, load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        "",
+        *save_rows(results, gb, state_mb),
+        "",
+        *restore_rows(results, gb, state_mb),
+        "",
+        "variants: " + "; ".join(f"{n} = {VARIANTS[n].about}" for n in results if n in VARIANTS),
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gb", type=float, default=1.0, help="target state size in GB (default 1.0)")
+    p.add_argument("--devices", type=int, default=1, help="fake CPU devices to shard the state over")
+    p.add_argument("--reps", type=int, default=2, help="repetitions (medians are reported)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="parent of the scratch checkpoint dir (default: the repo's parent directory)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--list-variants", action="store_true")
+    p.add_argument("--no-numpy", action="store_true", help="skip the np.save reference")
+    p.add_argument("--json", type=Path, help="also write the raw per-repetition numbers here")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="jaxckpt", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)), flush=True)
+        return 0
+    if args.list_variants:
+        print("\n".join(f"{n:12s} {v.about}" for n, v in VARIANTS.items()))
+        return 0
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; --list-variants shows them")
+    abstract = target(args.gb)
+    nbytes, n_leaves = tree_bytes(abstract), len(jax.tree.leaves(abstract))
+    parent = args.dir or Path(__file__).resolve().parents[2]
+    root = Path(tempfile.mkdtemp(prefix="jaxckpt-bench-ckpt-", dir=parent))
+    try:
+        log(f"{nbytes / 1e9:.3f} GB state, scratch dir {root}")
+        results = run_all(args, root, nbytes)
+        print(report(args, root, nbytes, n_leaves, results))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
