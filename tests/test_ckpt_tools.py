@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxckpt import cli
 from jaxckpt.config import load_config
@@ -25,21 +24,6 @@ from jaxckpt.trainer import train
 
 N = 12
 SEQ, BATCH = 32, 8
-
-
-@pytest.fixture(scope="module")
-def jit_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A persistent compilation cache for this module (restored afterwards); shared with test_resume."""
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    old = {k: getattr(jax.config, k) for k in
-           ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

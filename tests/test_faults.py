@@ -29,19 +29,7 @@ MAX_KILLS = 12
 MIN_KILLS = 10
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    yield faultlib.get_setup(tmp_path_factory.getbasetemp())
-    faultlib.kill_all()  # idle pooled launchers stay for the next module; atexit (or EOF on stdin) ends them
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_processes(setup: Setup) -> Iterator[None]:
-    """Whatever a test did, no trainer it started may outlive it."""
-    yield
-    faultlib.kill_all()
-    strays = faultlib.stray_processes(str(setup.root))
-    assert not strays, f"processes left behind: {strays}"
+pytestmark = pytest.mark.usefixtures("no_stray_processes")
 
 
 # -- 1. SIGKILL at random moments ---------------------------------------------------------------------

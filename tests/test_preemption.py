@@ -8,7 +8,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import faultlib
@@ -18,19 +17,7 @@ from faultlib import STEPS, Setup
 NO_PERIODIC = ["checkpoint.every_steps=1000"]  # the only checkpoint is the one preemption writes
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    yield faultlib.get_setup(tmp_path_factory.getbasetemp())
-    faultlib.kill_all()  # idle pooled launchers stay for the next module; atexit (or EOF on stdin) ends them
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_processes(setup: Setup) -> Iterator[None]:
-    """Whatever a test did, no trainer it started may outlive it."""
-    yield
-    faultlib.kill_all()
-    strays = faultlib.stray_processes(str(setup.root))
-    assert not strays, f"processes left behind: {strays}"
+pytestmark = pytest.mark.usefixtures("no_stray_processes")
 
 
 def _assert_preempted(workdir: Path, rc: int, out: str, signame: str = "SIGTERM") -> int:

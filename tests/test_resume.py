@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxckpt import cli
 from jaxckpt.checkpoint import load_params
@@ -47,21 +46,6 @@ SUBPROCESS_TIMEOUT = 420
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def jit_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A persistent compilation cache for this module (restored afterwards): compile each program once."""
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    old = {k: getattr(jax.config, k) for k in
-           ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
