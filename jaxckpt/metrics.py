@@ -103,6 +103,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
         self._file = JsonlAppender(self.path) if self.enabled else None
+        self._warned = False
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -122,10 +123,11 @@ class MetricsWriter:
         if self._file is not None:
             try:
                 self._file.append(row)
-            except OSError as e:
-                log(f"WARNING: cannot write {self.path} ({e}); metrics logging is off for this run, "
-                    "training goes on (TensorBoard and checkpoints are unaffected)")
-                self._file = None
+            except OSError as e:  # e.g. a full disk: the row is dropped whole, later rows are tried again
+                if not self._warned:
+                    log(f"WARNING: cannot write {self.path} ({e}); rows are skipped while this lasts, "
+                        "training goes on")
+                    self._warned = True
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), step)

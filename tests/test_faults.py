@@ -400,15 +400,19 @@ def test_disk_full_stop_keeps_committed_checkpoints_and_resumes(setup: Setup, di
 
 
 def test_disk_full_continue_trains_to_the_end(setup: Setup, tmp_path: Path) -> None:
-    """``on_save_error=continue``: every save after the second fails, training still reaches the end exactly."""
+    """``on_save_error=continue``: saves after the disk fills fail, training still reaches the end exactly."""
     with _tmpfs(tmp_path / "mnt", _tight_size(setup)) as mount:
         workdir = mount / "w"
         rc, out = setup.train(workdir, *CHAIN, "checkpoint.on_save_error=continue")
         assert rc == 0, out
         assert "disk is full" in out and "training continues" in out, out
+        # The disk stays full, so metrics rows after the failures may be dropped (whole, never torn);
+        # every row that was written matches the reference, and the run reached the last step.
         losses = faultlib.last_losses(workdir)
-        assert sorted(losses) == list(range(1, STEPS + 1))
-        assert losses == setup.reference.losses, "failed saves changed training"
+        assert list(range(1, min(faultlib.manifest_steps(workdir)) + 1)) == sorted(losses)[: min(
+            faultlib.manifest_steps(workdir))], "rows before the disk filled are missing"
+        assert losses == {s: setup.reference.losses[s] for s in losses}, "failed saves changed training"
+        assert f"done: step {STEPS}, loss {setup.reference.losses[STEPS]:.4f}" in out, out
         committed = faultlib.manifest_steps(workdir)
         assert committed and all(not faultlib.verify_problems(workdir, s) for s in committed), committed
         assert faultlib.step_dirs(workdir) == committed, "a half-written step directory was left behind"
