@@ -52,6 +52,18 @@ class Kill:
                 f"(t={self.at:.2f}s, last logged step {self.last_step}, last line {self.last_line[:70]!r})")
 
 
+def _kill_inside_syscall(p: Proc, syscalls: str, paths: list[Path], pattern: str) -> int:
+    """Resume the SIGSTOPped trainer ``p`` under strace and SIGKILL it when ``pattern`` shows up; its exit code."""
+    tracer = faultlib.SyscallTracer(p.pid, syscalls, paths)
+    try:
+        tracer.wait_attached()
+        tracer.proc.on_line(pattern, lambda _line: p.kill_group())
+        p.signal(signal.SIGCONT)
+        return p.finish()
+    finally:
+        tracer.close()
+
+
 def _check_segment(workdir: Path, p: Proc, before: list[int], incomplete: list[int], where: str) -> None:
     """After one trainer process ended: it resumed from the newest committed step; incomplete ones were removed."""
     got = faultlib.resumed_from(p.output)
@@ -162,14 +174,7 @@ def test_sigkill_during_retention_delete_keeps_committed_checkpoints_intact(setu
     assert 2 in faultlib.manifest_steps(workdir) and not faultlib.verify_problems(workdir, 2), (
         "the trainer got past deleting checkpoint 2 before it could be stopped")
     paths = [*sorted(step2.rglob("*")), step2]
-    tracer = faultlib.SyscallTracer(p.pid, "unlink,unlinkat,rmdir", paths)
-    try:
-        tracer.wait_attached()
-        tracer.proc.on_line(r"(unlink|rmdir).*= 0", lambda _line: p.kill_group())
-        p.signal(signal.SIGCONT)
-        rc = p.finish()
-    finally:
-        tracer.close()
+    rc = _kill_inside_syscall(p, "unlink,unlinkat,rmdir", paths, r"(unlink|rmdir).*= 0")
     problems = []
     if rc == -signal.SIGKILL:
         gone = [str(x.relative_to(step2)) for x in paths[:-1] if not x.exists()]
@@ -208,14 +213,7 @@ def test_sigkill_before_first_manifest_then_same_command_works(setup: Setup, tmp
         assert p.wait_line(faultlib.START_LINE) is not None, p.tail()
         assert p.wait_until(lambda: faultlib.process_state(p.pid) == "T", timeout=30), p.tail()
         assert not faultlib.step_dirs(workdir), "the first save happened before the trainer could be stopped"
-        tracer = faultlib.SyscallTracer(p.pid, "open,openat", [manifest.with_name(manifest.name + ".tmp")])
-        try:
-            tracer.wait_attached()
-            tracer.proc.on_line(r"open", lambda _line: p.kill_group())
-            p.signal(signal.SIGCONT)
-            rc = p.finish()
-        finally:
-            tracer.close()
+        rc = _kill_inside_syscall(p, "open,openat", [manifest.with_name(manifest.name + ".tmp")], r"open")
         assert rc == -signal.SIGKILL, f"exit {rc}\n{p.tail()}"
     else:
         rc, out = setup.train(workdir, *CHAIN, stop_at=2)
