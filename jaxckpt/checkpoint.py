@@ -23,7 +23,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt import distributed, integrity
+from jaxckpt import distributed, fastread, integrity
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.errors import CheckpointSaveError, ConfigError
 from jaxckpt.metrics import log
@@ -287,12 +287,26 @@ class Checkpointer:
     # -- restoring -------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: PyTree, data_iter: Any | None) -> PyTree:
         """Restore ``state`` into the shardings of ``abstract_state`` and, if given, the iterator."""
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-        items: dict[str, Any] = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
+        state = self._fast_restore(step, abstract_state) if self.cfg.fast_restore else None
+        items: dict[str, Any] = {}
+        if state is None:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            items["state"] = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
+        return restored["state"] if state is None else state
+
+    def _fast_restore(self, step: int, abstract_state: PyTree) -> PyTree | None:
+        """The state via :mod:`jaxckpt.fastread`, or None (on every process) if Orbax must read it."""
+        try:
+            state, why = fastread.restore(self.step_dir(step) / "state", abstract_state), ""
+        except fastread.Unsupported as e:
+            state, why = None, str(e)
+        if not distributed.all_true(state is not None):
+            log(f"checkpoint {step}: restoring through Orbax ({why or 'another process cannot use the fast reader'})")
+            return None
+        return state
 
     def close(self) -> None:
         """Finish the pending save, then close Orbax (whose own errors repeat a failure already reported)."""

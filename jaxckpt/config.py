@@ -114,6 +114,7 @@ class CheckpointConfig:
     best_mode: Literal["min", "max"] = "min"
     async_save: bool = True
     verify_on_resume: bool = True  # check every byte against the checksum manifest before restoring
+    fast_restore: bool = True  # read the state with jaxckpt.fastread (same files; Orbax when it cannot)
     on_save_error: Literal["stop", "continue"] = "stop"  # full disk etc.: stop cleanly, or keep training
     grace_seconds: float = 30.0  # preemption notice; warn when a save is estimated to take longer
 

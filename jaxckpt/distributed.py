@@ -73,3 +73,12 @@ def agree(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def all_true(flag: bool) -> bool:
+    """True on every process iff ``flag`` is true on every process."""
+    if not is_multiprocess():
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(flag))))
