@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MANIFEST = "jaxckpt_manifest.json"
@@ -17,10 +18,12 @@ CHUNK = 16 << 20
 
 
 def _crc32(path: Path) -> int:
-    crc = 0
+    """CRC32 of a file, read into one reused buffer (fresh 16 MiB buffers cost a page fault per 4 KiB)."""
+    crc, buf = 0, bytearray(CHUNK)
+    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            crc = zlib.crc32(chunk, crc)
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)  # releases the GIL: verify() checks files on several threads
     return crc
 
 
@@ -81,13 +84,16 @@ def verify(step_dir: Path) -> list[str]:
         files = json.loads((step_dir / MANIFEST).read_text())["files"]
     except (ValueError, KeyError) as e:
         return [f"{step_dir / MANIFEST}: unreadable ({e})"]
-    problems = []
-    for rel, want in files.items():
-        p = step_dir / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != want["size"]:
-            problems.append(f"{p}: size {p.stat().st_size} bytes, expected {want['size']} (truncated or extended)")
-        elif _crc32(p) != want["crc32"]:
-            problems.append(f"{p}: checksum mismatch (bytes changed after the save)")
-    return problems
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda item: _check_file(step_dir / item[0], item[1]), sorted(files.items()))
+        return [problem for problem in found if problem]
+
+
+def _check_file(path: Path, want: dict[str, int]) -> str | None:
+    if not path.is_file():
+        return f"{path}: missing"
+    if path.stat().st_size != want["size"]:
+        return f"{path}: size {path.stat().st_size} bytes, expected {want['size']} (truncated or extended)"
+    if _crc32(path) != want["crc32"]:
+        return f"{path}: checksum mismatch (bytes changed after the save)"
+    return None
