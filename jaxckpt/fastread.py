@@ -261,6 +261,23 @@ def _assemble(target: Any, boxes: dict[Slices, list[jax.Device]], hosts: list[np
     return jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding, shards)
 
 
+def _prefetch(fds: dict[Path, int]) -> None:
+    """Ask the kernel to read the files ahead (in order) when they fit in memory: a cold restore then
+    streams from disk while the threads copy, instead of waiting on one read at a time."""
+    total = sum(os.fstat(fd).st_size for fd in fds.values())
+    if total < _available_memory() // 2:
+        for fd in fds.values():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def restore(item_dir: Path, abstract: PyTree, threads: int | None = None) -> PyTree:
     """The tree ``abstract`` (ShapeDtypeStructs with shardings) read from ``item_dir`` (a ``state`` item)."""
     index = read_index(Path(item_dir))
@@ -270,8 +287,9 @@ def restore(item_dir: Path, abstract: PyTree, threads: int | None = None) -> PyT
         raise Unsupported("tree has leaves Orbax does not name")
     stored = [_stored(index, n, t) for n, t in zip(names, targets, strict=True)]
     paths = {e.path for e in index.values() if e.path is not None}
-    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+    fds = {p: os.open(p, os.O_RDONLY) for p in sorted(paths)}
     try:
+        _prefetch(fds)
         readers = [ArrayReader(n, a, index, fds) for n, a in zip(names, stored, strict=True)]
         boxes = [_boxes(t) for t in targets]
         jobs = [(r, box) for r, b in zip(readers, boxes, strict=True) for box in b]
