@@ -19,6 +19,13 @@ directories without fsync; the fsync pass is timed and shown on its own).
 Restore: into the target shardings (ShapeDtypeStructs with NamedShardings), in a fresh process:
 a first restore (page cache warm from the save), then *cold* (after ``echo 3 > drop_caches``, or
 ``posix_fadvise(DONTNEED)`` on every checkpoint file if that is not permitted), then *warm* again.
+
+References per repetition, after the variants: *numpy memcpy* -- ``np.copyto`` of the state's bytes into a
+fresh, never-touched buffer (page faults included: the floor for any restore from page cache), then again into
+the touched buffer; and, run by ``benchmarks/torch_ckpt.py`` under ``--torch-python`` (default: the repo's
+``.venv-torch/bin/python``, else this interpreter if it has torch), the same bytes through ``torch.save`` (+ the
+fsync pass) / ``torch.load`` and PyTorch DCP ``async_save`` (blocking = until it returns its future; durable =
+``future.result()`` + the fsync pass) / ``dcp.load``, timed as above.
 """
 
 # ruff: noqa: E402
@@ -48,6 +55,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import math
 import shutil
@@ -73,6 +81,10 @@ try:  # the CRC32 manifest jaxckpt writes after each save and checks on resume
     from jaxckpt import integrity
 except ImportError:  # older library: no manifest
     integrity = None  # type: ignore[assignment]
+try:  # jaxckpt's own reader of its state item (checkpoint.fast_restore)
+    from jaxckpt import fastread
+except ImportError:
+    fastread = None  # type: ignore[assignment]
 from jaxckpt.checkpoint import make_manager
 from jaxckpt.config import MeshConfig, ModelConfig, OptimConfig
 from jaxckpt.mesh import make_mesh
@@ -151,6 +163,7 @@ class Variant:
     ts_context: dict[str, Any] = field(default_factory=dict)  # extra TensorStore context (patched in)
     aligned_reads: bool = False  # patch Orbax to read into 64-byte-aligned buffers (see aligned_read_shard)
     manifest: bool = False  # jaxckpt's CRC32 manifest after the save / verify before restore (if the lib has it)
+    fast_restore: bool = False  # restore the state with jaxckpt.fastread (the trainer's default), not Orbax
 
 
 def _restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
@@ -207,7 +220,10 @@ VARIANTS: dict[str, Variant] = {
     # Picks up jaxckpt.checkpoint.OCDBT_TARGET_FILE_BYTES if the library defines it (proposed in README.md).
     "jaxckpt": Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTreeRestore)", make_manager,
                        _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
-                       _restore_args, manifest=True),
+                       _restore_args, manifest=True, fast_restore=fastread is not None),
+    "jaxckpt-orbax-read": Variant("jaxckpt's save; restore through Orbax (checkpoint.fast_restore=false)",
+                                  make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
+                                  _restore_args, manifest=True),
     "stock": Variant("ocp.CheckpointManager defaults: StandardSave/Restore (OCDBT, zarr2, zstd)",
                      lambda d: ocp.CheckpointManager(d), ocp.args.StandardSave, ocp.args.StandardRestore),
     **{f"target{m}m": _lib(f"jaxckpt + PyTreeSave(ocdbt_target_data_file_size={m} MiB) (Orbax default 2 GiB)",
@@ -390,7 +406,10 @@ def timed_restore(mgr: ocp.CheckpointManager, variant: Variant, abstract: PyTree
     gc.collect()
     reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    restored = mgr.restore(1, args=ocp.args.Composite(state=variant.restore(abstract)))["state"]
+    if variant.fast_restore:
+        restored = fastread.restore(Path(mgr.directory) / "1" / "state", abstract)
+    else:
+        restored = mgr.restore(1, args=ocp.args.Composite(state=variant.restore(abstract)))["state"]
     jax.block_until_ready(restored)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = proc_status_mb("VmHWM")
@@ -469,7 +488,54 @@ def worker_numpy(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"save": worker_save, "restore": worker_restore, "numpy": worker_numpy}
+MEMCPY_TRIALS = 3  # the memcpy reference reports the fastest of these (a floor)
+
+
+def fresh_views(src: list[np.ndarray]) -> list[np.ndarray]:
+    """Views of one new ``np.empty`` buffer, a 64-byte-aligned slot per array: never-touched memory.
+
+    At this size glibc always mmaps the buffer, so no page of it has been touched: the first copy into it
+    takes every page fault (numpy madvises MADV_HUGEPAGE on large allocations, as for any numpy restore).
+    """
+    slots = [-(-a.nbytes // 64) * 64 for a in src]
+    buf = np.empty(sum(slots) + 64, np.uint8)
+    lo, views = -buf.ctypes.data % 64, []
+    for a, n in zip(src, slots, strict=True):
+        views.append(buf[lo : lo + a.nbytes].view(a.dtype).reshape(a.shape))
+        lo += n
+    return views
+
+
+def timed_copy(dst: list[np.ndarray], src: list[np.ndarray]) -> dict[str, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    for d, a in zip(dst, src, strict=True):
+        np.copyto(d, a)
+    return {"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "peak_rss_mb": proc_status_mb("VmHWM")}
+
+
+def worker_memcpy(args: argparse.Namespace) -> dict[str, Any]:
+    """Reference floor for any restore from page cache: ``np.copyto`` of the state's bytes into fresh memory,
+    page faults included; then the same copy again into the now-touched buffer (memory bandwidth alone).
+    Fastest of ``MEMCPY_TRIALS``, each into a new buffer (the last one is unmapped first): a floor, not a median."""
+    state = build_state(args.gb)
+    src = [np.asarray(x) for x in jax.tree.leaves(state)]  # host buffers (gathered if sharded), before timing
+    gc.collect()
+    baseline = proc_status_mb("VmRSS")  # the source state is resident
+    reset_peak_rss()
+    trials, ok = [], True
+    for _ in range(MEMCPY_TRIALS):
+        dst = fresh_views(src)  # np.empty only maps the pages: the faults land in the copy
+        trials.append((timed_copy(dst, src), timed_copy(dst, src)))
+        ok = ok and all(np.array_equal(d, a) for d, a in zip(dst, src, strict=True))
+        del dst
+        gc.collect()
+    fresh = min((t[0] for t in trials), key=lambda t: t["s"])
+    touched = min((t[1] for t in trials), key=lambda t: t["s"])
+    return {"fresh": fresh, "touched": touched, "baseline_mb": baseline, "ok": ok,
+            "fresh_trials_s": [t[0]["s"] for t in trials], "touched_trials_s": [t[1]["s"] for t in trials]}
+
+
+WORKERS = {"save": worker_save, "restore": worker_restore, "numpy": worker_numpy, "memcpy": worker_memcpy}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,11 +596,143 @@ def run_all(args: argparse.Namespace, root: Path, nbytes: int) -> dict[str, list
             results[name].append(row)
             log(f"rep {rep + 1}: {name} " + ", ".join(
                 f"{k} {row[k]:.2f}s" for k in ("blocking_s", "durable_s") if k in row))
+        run_references(args, root, rep, results)
     return results
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# References beyond dd/np.save: a memcpy floor and PyTorch (benchmarks/torch_ckpt.py under --torch-python)
+
+REFERENCES = ("dd", "numpy", "memcpy", "torch", "dcp")  # results keys that are not VARIANTS
+TORCH_SCRIPT = Path(__file__).with_name("torch_ckpt.py")
+TORCH_VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv-torch" / "bin" / "python"
+
+
+def resolve_torch_python(choice: str | None) -> tuple[str | None, str]:
+    """(interpreter for torch_ckpt.py or None, a note saying which and why)."""
+    if choice and choice.lower() != "none":
+        return choice, f"--torch-python {choice}"
+    if choice:
+        return None, "torch rows skipped (--torch-python none)"
+    if TORCH_VENV_PYTHON.exists():
+        return str(TORCH_VENV_PYTHON), f"{TORCH_VENV_PYTHON} (the repo's .venv-torch)"
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable, f"{sys.executable} (this interpreter has torch)"
+    return None, ("torch rows skipped: no .venv-torch in the repo, no torch in this interpreter "
+                  "and no --torch-python PATH")
+
+
+def write_shapes(path: Path, abstract: PyTree) -> Path:
+    """The JSON torch_ckpt.py builds its state from: [shape, dtype] per leaf, in jax.tree.leaves order."""
+    path.write_text(json.dumps([[list(x.shape), np.dtype(x.dtype).name] for x in jax.tree.leaves(abstract)]))
+    return path
+
+
+def run_torch_worker(python: str, phase: str, directory: Path, shapes: Path) -> dict[str, Any]:
+    cmd = [python, str(TORCH_SCRIPT), "--worker", phase, "--dir", str(directory), "--shapes", str(shapes)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log(f"  torch {phase} worker: {time.perf_counter() - t0:.0f}s wall")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        print(f"  torch {phase} FAILED (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        return {"error": f"rc {proc.returncode}: {tail.splitlines()[-1] if tail else ''}"}
+    return json.loads(lines[-1])
+
+
+def run_references(args: argparse.Namespace, root: Path, rep: int, results: dict[str, list[dict[str, Any]]]) -> None:
+    """One repetition of the memcpy floor and, if an interpreter with torch was found, torch.save/load and DCP."""
+    results.setdefault("memcpy", []).append(run_worker("memcpy", args, root / f"memcpy-{rep}"))
+    if not args.torch_python:
+        return
+    shapes = root / "torch-shapes.json"
+    if not shapes.exists():
+        write_shapes(shapes, target(args.gb))
+    for name, save, load in (("torch", "save", "restore"), ("dcp", "dcp-save", "dcp-load")):
+        d = root / f"{name}-{rep}"
+        row = run_torch_worker(args.torch_python, save, d, shapes)
+        if "error" not in row:
+            row.update(run_torch_worker(args.torch_python, load, d, shapes))
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d.with_name(d.name + "-warmup"), ignore_errors=True)
+        results.setdefault(name, []).append(row)
+        log(f"rep {rep + 1}: {name} " + ", ".join(
+            f"{k} {row[k]:.2f}s" for k in ("blocking_s", "durable_s") if k in row))
+
+
+def torch_save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: float) -> list[str]:
+    """Save-table rows for torch.save and DCP async_save, formatted as the variants' rows."""
+    dd_s, lines = med(results["dd"], "write_s"), []
+    for name, label in (("torch", "torch.save + fsync"), ("dcp", "DCP async_save")):
+        rows = results.get(name, [])
+        if not rows:
+            continue
+        if all("error" in r for r in rows):
+            lines.append(f"| {label} | error: {rows[0]['error'][:80]} |" + " |" * 14)
+            continue
+        b, d = med(rows, "blocking_s"), med(rows, "durable_s")
+        peak, before = med(rows, "peak_rss_mb"), med(rows, "baseline_mb")
+        lines.append(
+            f"| {label} | {b:.3f} | {b / gb:.3f} | {mark(b / gb <= 0.1)} | {d:.2f} | {d / gb:.2f} | {gb / d:.2f} "
+            f"| {dd_s / d:.2f} | {mark(dd_s / d >= 0.8)} | {med(rows, 'fsync_s'):.3f} | {med(rows, 'cpu_s'):.2f} "
+            f"| {med(rows, 'dirty_after_wait_mb'):.0f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
+            f"| {med(rows, 'disk_bytes') / 1e6:.0f} | - |")
+    return lines
+
+
+def torch_restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: float) -> list[str]:
+    """Restore-table rows for torch.load and dcp.load (ok = every load's checksum equals the saved state's)."""
+    lines = []
+    for name, label in (("torch", "torch.load"), ("dcp", "dcp.load")):
+        rows = [r for r in results.get(name, []) if "restore_warm" in r]
+        if not rows:
+            continue
+        w, c = med(rows, "restore_warm", "s"), med(rows, "restore_cold", "s")
+        peak, before = med(rows, "restore_first", "peak_rss_mb"), med(rows, "restore_baseline_mb")
+        ok = all(math.isclose(r[k]["checksum"], r["checksum"], rel_tol=1e-12)
+                 for r in rows for k in ("restore_first", "restore_cold", "restore_warm"))
+        lines.append(
+            f"| {label} | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | {med(rows, 'restore_warm', 'cpu_s'):.2f} "
+            f"| {c:.2f} | {c / gb:.2f} | {med(rows, 'restore_first', 's'):.2f} | {peak / state_mb:.2f} "
+            f"| {(peak - before) / state_mb:.2f} | {'yes' if ok else 'NO'} | - |")
+    return lines
+
+
+def memcpy_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: float) -> list[str]:
+    """Restore-table reference rows: np.copyto of the state into fresh, then into touched memory."""
+    rows = [r for r in results.get("memcpy", []) if "fresh" in r]
+    if not rows:
+        return []
+    ok = "yes" if all(r["ok"] for r in rows) else "NO"
+    base, lines = med(rows, "baseline_mb"), []
+    labels = {"fresh": f"numpy memcpy into fresh buffers (floor: best of {MEMCPY_TRIALS})",
+              "touched": f"numpy memcpy into touched buffers (best of {MEMCPY_TRIALS})"}
+    for key, label in labels.items():
+        s, above = med(rows, key, "s"), med(rows, key, "peak_rss_mb") - base
+        lines.append(f"| {label} | {s:.2f} | {s / gb:.2f} | {mark(s / gb <= 0.3)} | {med(rows, key, 'cpu_s'):.2f} "
+                     f"| - | - | - | - | {above / state_mb:.2f} | {ok} | - |")
+    return lines
+
+
+def torch_notes(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], gb: float) -> list[str]:
+    """Report lines: which torch ran, DCP's defaults, blocking of DCP vs the jaxckpt variants; or why skipped."""
+    rows = [r for name in ("torch", "dcp") for r in results.get(name, []) if "torch" in r]
+    if not rows:
+        return [f"torch: {getattr(args, 'torch_note', 'not run')}"]
+    lines = [f"torch: {rows[0]['torch']} via {args.torch_note}; DCP single process without a process group, "
+             f"async_save defaults: {json.dumps(rows[0].get('dcp_defaults'))} + the default stager (a blocking "
+             "copy of the state into new CPU tensors before async_save returns)"]
+    dcp_b = med(results.get("dcp", []), "blocking_s")
+    for name in (n for n in results if n in VARIANTS):
+        b = med(results[name], "blocking_s")
+        lines.append(f"blocking: {name} {b / gb:.3f} s/GB vs DCP async_save {dcp_b / gb:.3f} s/GB "
+                     f"(target ≤0.1 s/GB: {mark(b / gb <= 0.1)}; ≤DCP: {mark(b <= dcp_b)})")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,7 +776,7 @@ def save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: flo
                      f"| {mark(dd_s / s >= 0.8)} | - | - | - | {peak / state_mb:.2f} | {(peak - base) / state_mb:.2f} "
                      f"| {med(results['numpy'], 'disk_bytes') / 1e6:.0f} | - |")
     for name, rows in results.items():
-        if name in ("dd", "numpy"):
+        if name in REFERENCES:
             continue
         if all("error" in r for r in rows):
             lines.append(f"| {name} | error: {rows[0]['error'][:80]} |" + " |" * 14)
@@ -590,6 +788,7 @@ def save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: flo
             f"| {dd_s / d:.2f} | {mark(dd_s / d >= 0.8)} | {med(rows, 'fsync_s'):.3f} | {med(rows, 'cpu_s'):.2f} "
             f"| {med(rows, 'dirty_after_wait_mb'):.0f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
             f"| {med(rows, 'disk_bytes') / 1e6:.0f} | {num(med(rows, 'manifest_s'))} |")
+    lines += torch_save_rows(results, gb, state_mb)
     return lines
 
 
@@ -607,8 +806,9 @@ def restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: 
         peak = med(results["numpy"], "first_peak_rss_mb")
         lines.append(f"| np.load + device_put | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | - | {c:.2f} "
                      f"| {c / gb:.2f} | - | {peak / state_mb:.2f} | - | - | - |")
+    lines += memcpy_rows(results, gb, state_mb)
     for name, rows in results.items():
-        if name in ("dd", "numpy") or all("restore_warm" not in r for r in rows):
+        if name in REFERENCES or all("restore_warm" not in r for r in rows):
             continue
         w, c = med(rows, "restore_warm", "s"), med(rows, "restore_cold", "s")
         peak, before = med(rows, "restore_first", "peak_rss_mb"), med(rows, "restore_baseline_mb")
@@ -620,6 +820,7 @@ def restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: 
             f"| {c:.2f} | {c / gb:.2f} "
             f"| {med(rows, 'restore_first', 's'):.2f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
             f"| {'yes' if ok else 'NO'} | {num(med(rows, 'verify_cold_s'))} / {num(med(rows, 'verify_warm_s'))} |")
+    lines += torch_restore_rows(results, gb, state_mb)
     return lines
 
 
@@ -638,6 +839,7 @@ def report(args: argparse.Namespace, root: Path, nbytes: int, n_leaves: int,
         *restore_rows(results, gb, state_mb),
         "",
         "variants: " + "; ".join(f"{n} = {VARIANTS[n].about}" for n in results if n in VARIANTS),
+        *torch_notes(args, results, gb),
     ]
     return "\n".join(lines)
 
@@ -657,6 +859,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list-variants", action="store_true")
     p.add_argument("--no-numpy", action="store_true", help="skip the np.save reference")
     p.add_argument("--json", type=Path, help="also write the raw per-repetition numbers here")
+    p.add_argument("--torch-python", default=None, metavar="PATH",
+                   help="interpreter with torch for the torch.save/DCP rows (benchmarks/torch_ckpt.py); default: "
+                        "the repo's .venv-torch/bin/python if it exists, else this one if it has torch; 'none' skips")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--variant", default="jaxckpt", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -673,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; --list-variants shows them")
+    args.torch_python, args.torch_note = resolve_torch_python(args.torch_python)
+    log(f"torch: {args.torch_note}")
     abstract = target(args.gb)
     nbytes, n_leaves = tree_bytes(abstract), len(jax.tree.leaves(abstract))
     parent = args.dir or Path(__file__).resolve().parents[2]

@@ -1,0 +1,283 @@
+"""PyTorch reference rows for benchmarks/checkpoint.py: the same bytes through torch.save/load and DCP.
+
+    <torch-python> benchmarks/torch_ckpt.py --worker save      --dir D --shapes shapes.json
+    <torch-python> benchmarks/torch_ckpt.py --worker restore   --dir D --shapes shapes.json
+    <torch-python> benchmarks/torch_ckpt.py --worker dcp-save  --dir D --shapes shapes.json
+    <torch-python> benchmarks/torch_ckpt.py --worker dcp-load  --dir D --shapes shapes.json
+
+Standalone: imports torch and numpy only (no jax/jaxckpt), so it runs under a separate interpreter
+(``.venv-torch``: Python 3.11 + a CPU torch wheel). ``benchmarks/checkpoint.py`` writes ``shapes.json`` -- a JSON
+list of ``[shape, dtype]``, one per leaf of its train state in ``jax.tree.leaves`` order -- starts one process
+per phase (so peak RSS is separable) and reads the JSON line each prints last. The state is a flat
+``{"leaf0000": tensor, ...}`` dict filled exactly as checkpoint.py's ``build_state`` fills its leaves (float
+leaves tiled from one 64 MiB block of N(0, 0.02), integer leaves zero), so both benchmarks write the same bytes.
+
+save: ``torch.save(state, path)``; *blocking* = until it returns, *durable* = + fsync of the file, its dir and
+the parent. dcp-save: ``torch.distributed.checkpoint.async_save(state, checkpoint_id=dir)`` with every setting
+at its default, in a single process without ``init_process_group`` (DCP then saves with ``no_dist``);
+*blocking* = until it returns its future, *durable* = until ``future.result()`` + the same fsync pass.
+restore / dcp-load: a first load (page cache warm from the save), a cold one (after ``echo 3 > drop_caches``,
+else ``posix_fadvise(DONTNEED)`` per file), a warm one. ``torch.load`` allocates its own tensors; ``dcp.load``
+loads in place, so the timed region includes allocating its (never touched) ``torch.empty`` destinations.
+Peak RSS = VmHWM, reset through ``/proc/self/clear_refs`` just before each timed phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+
+MiB = 2**20
+State = dict[str, torch.Tensor]
+Shapes = list[tuple[tuple[int, ...], np.dtype]]
+
+# DCP warns on every call that it assumes a single process (no process group): expected here.
+warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+
+# ----------------------------------------------------------------------------------------------
+# OS helpers (the same as benchmarks/checkpoint.py's; copied because that module imports jax)
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def proc_status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def dirty_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Dirty:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, then ``root``'s parent."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(dirpath, name))
+        fsync_path(Path(dirpath), os.O_RDONLY | os.O_DIRECTORY)
+    fsync_path(root.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def drop_caches(root: Path) -> str:
+    """Evict ``root``'s files from the page cache; returns the method that worked."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return "drop_caches"
+    except OSError:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "fadvise"
+
+
+def dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------
+# The state
+
+
+def load_shapes(path: Path) -> Shapes:
+    return [(tuple(shape), np.dtype(dtype)) for shape, dtype in json.loads(path.read_text())]
+
+
+def key(i: int) -> str:
+    return f"leaf{i:04d}"
+
+
+def build_state(shapes: Shapes) -> State:
+    """checkpoint.py's ``build_state`` bytes as CPU tensors: float leaves tiled from a 64 MiB N(0, 0.02) block."""
+    block = np.random.default_rng(0).normal(0.0, 0.02, 16 * MiB).astype(np.float32)
+    state: State = {}
+    for i, (shape, dtype) in enumerate(shapes):
+        host = np.zeros(shape, dtype)
+        if np.issubdtype(dtype, np.floating):
+            flat, start, lo = host.reshape(-1), (i * 7919) % block.size, 0
+            while lo < flat.size:
+                n = min(block.size - start, flat.size - lo)
+                flat[lo : lo + n] = block[start : start + n]
+                lo, start = lo + n, 0
+        state[key(i)] = torch.from_numpy(host)
+    return state
+
+
+def empty_state(shapes: Shapes) -> State:
+    """Fresh, never-touched destination tensors for ``dcp.load`` (it loads in place)."""
+    return {key(i): torch.empty(shape, dtype=torch_dtype(dtype)) for i, (shape, dtype) in enumerate(shapes)}
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def checksum(state: State) -> float:
+    """Sum of |x| over every element (float64 accumulation): equal for equal bytes."""
+    return float(sum(np.abs(t.numpy().astype(np.float32, copy=False)).sum(dtype=np.float64) for t in state.values()))
+
+
+def state_bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (each runs in its own process)
+
+
+def dcp_defaults() -> dict[str, Any]:
+    """What ``dcp.async_save`` does when every argument is left at its default (recorded with the results)."""
+    params = inspect.signature(dcp.async_save).parameters
+    writer = inspect.signature(dcp.FileSystemWriter.__init__).parameters
+    kind = params["async_checkpointer_type"].default
+    return {"async_checkpointer_type": getattr(kind, "value", str(kind)),
+            "writer": {k: writer[k].default for k in ("single_file_per_rank", "sync_files", "thread_count")
+                       if k in writer}}
+
+
+def warm_up(scratch: Path) -> None:
+    """One tiny save + load of each kind so one-off initialisation (imports, thread pools) is not timed."""
+    tiny = {"a": torch.ones(64)}
+    scratch.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny, scratch / "tiny.pt")
+    torch.load(scratch / "tiny.pt", weights_only=True)
+    result(dcp.async_save(tiny, checkpoint_id=str(scratch / "dcp")))
+    dcp.load({"a": torch.empty(64)}, checkpoint_id=str(scratch / "dcp"))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def result(future: Any) -> Any:
+    """Wait for ``async_save``'s return value: a Future, or an AsyncSaveResponse (staging + upload futures)."""
+    return getattr(future, "upload_completion", future).result()
+
+
+def timed_save(directory: Path, shapes: Shapes, save: Callable[[State], Any], wait: Callable[[Any], Any],
+               target: Path) -> dict[str, Any]:
+    """Build the state, then time ``save`` (blocking), ``wait`` (done) and an fsync pass of ``target`` (durable)."""
+    warm_up(directory.with_name(directory.name + "-warmup"))
+    baseline = proc_status_mb("VmRSS")  # runtime + imports, before the state exists
+    state = build_state(shapes)
+    out: dict[str, Any] = {"state_bytes": state_bytes(state), "checksum": checksum(state), "baseline_mb": baseline,
+                           "torch": torch.__version__, "dcp_defaults": dcp_defaults()}
+    directory.mkdir(parents=True, exist_ok=True)
+    gc.collect()
+    reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    handle = save(state)
+    t1 = time.perf_counter()
+    wait(handle)
+    t2 = time.perf_counter()
+    out["dirty_after_wait_mb"] = dirty_mb()
+    fsync_tree(target)
+    t3, out["cpu_s"] = time.perf_counter(), time.process_time() - c0
+    out["peak_rss_mb"] = proc_status_mb("VmHWM")
+    out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0, disk_bytes=dir_bytes(target))
+    return out
+
+
+def timed_load(load: Callable[[], State]) -> dict[str, Any]:
+    gc.collect()
+    reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    state = load()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out = {"s": dt, "cpu_s": cpu, "peak_rss_mb": proc_status_mb("VmHWM"), "checksum": checksum(state)}
+    del state
+    gc.collect()
+    return out
+
+
+def timed_loads(directory: Path, load: Callable[[], State]) -> dict[str, Any]:
+    """First (page cache warm from the save), cold and warm loads; peak RSS is only clean for the first."""
+    warm_up(directory.with_name(directory.name + "-warmup"))
+    baseline = proc_status_mb("VmRSS")
+    first = timed_load(load)
+    method = drop_caches(directory)
+    cold = timed_load(load)
+    warm = timed_load(load)
+    return {"restore_first": first, "restore_cold": cold, "restore_warm": warm, "evict": method,
+            "restore_baseline_mb": baseline, "torch": torch.__version__}
+
+
+def worker_save(args: argparse.Namespace) -> dict[str, Any]:
+    """torch.save of the whole dict into one file; durable after the fsync pass (torch.save does not fsync)."""
+    path = args.dir / "state.pt"
+    return timed_save(args.dir, load_shapes(args.shapes), lambda s: torch.save(s, path), lambda _: None, args.dir)
+
+
+def worker_restore(args: argparse.Namespace) -> dict[str, Any]:
+    path = args.dir / "state.pt"
+    return timed_loads(args.dir, lambda: torch.load(path, weights_only=True))
+
+
+def worker_dcp_save(args: argparse.Namespace) -> dict[str, Any]:
+    """dcp.async_save with its defaults; the fsync pass covers what FileSystemWriter(sync_files=True) leaves."""
+    ckpt = args.dir / "dcp"
+    return timed_save(args.dir, load_shapes(args.shapes), lambda s: dcp.async_save(s, checkpoint_id=str(ckpt)),
+                      result, ckpt)
+
+
+def worker_dcp_load(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt, shapes = args.dir / "dcp", load_shapes(args.shapes)
+
+    def load() -> State:
+        state = empty_state(shapes)
+        dcp.load(state, checkpoint_id=str(ckpt))
+        return state
+
+    return timed_loads(ckpt, load)
+
+
+WORKERS = {"save": worker_save, "restore": worker_restore, "dcp-save": worker_dcp_save, "dcp-load": worker_dcp_load}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=sorted(WORKERS), required=True)
+    p.add_argument("--dir", type=Path, required=True, help="checkpoint directory (created by the save phases)")
+    p.add_argument("--shapes", type=Path, required=True, help="JSON list of [shape, dtype], one per leaf")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(json.dumps(WORKERS[args.worker](args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
