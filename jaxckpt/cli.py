@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     ce.add_argument("dir", type=Path)
     ce.add_argument("--step", type=int)
     ce.add_argument("--out", type=Path, required=True)
+
+    # Every argument after "bench" (its -h included) is benchmarks/run.py's: no option prefix is parsed here.
+    b = sub.add_parser("bench", help="run the benchmark suite, benchmarks/run.py (source checkout only; "
+                       "'jaxckpt bench --help' for its options)", prefix_chars="+", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER, help="benchmarks/run.py's arguments, e.g. --quick --only restart")
     return p
 
 
@@ -137,6 +142,18 @@ def _ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    import jaxckpt
+
+    bench = Path(jaxckpt.__file__).resolve().parents[1] / "benchmarks"
+    if not (bench / "run.py").is_file():
+        raise FileNotFoundError(f"{bench} not found: benchmarks/ ships with the source checkout; run from a git clone")
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    return subprocess.call([sys.executable, str(bench / "run.py"), *rest])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jaxckpt.errors import (
@@ -149,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     handlers = {"train": _train, "prepare": _prepare, "ckpt": _ckpt, "launch": _launch,
-                "report": _report, "sample": _sample}
+                "report": _report, "sample": _sample, "bench": _bench}
     try:
         return handlers[args.cmd](args)
     except Preempted as e:
