@@ -101,6 +101,7 @@ class _Pending:
     blocking: float
     finalizer: threading.Thread | None = None
     error: BaseException | None = None
+    durable_at: float | None = None  # when the manifest was written (the step may be noticed later)
 
 
 class Checkpointer:
@@ -186,6 +187,7 @@ class Checkpointer:
     def _finalize(self, pending: _Pending) -> None:
         try:
             integrity.write_manifest(self.step_dir(pending.step))
+            pending.durable_at = time.perf_counter()
         except BaseException as e:  # noqa: BLE001 - reported on the main thread
             pending.error = e
 
@@ -237,7 +239,7 @@ class Checkpointer:
         if failed:
             return self._failed(p.step, p.error or OSError(f"process 0 failed to finalize step {p.step}"))
         distributed.barrier(f"jaxckpt_manifest_{p.step}")
-        self.last_durable_s = time.perf_counter() - p.t0
+        self.last_durable_s = (p.durable_at or time.perf_counter()) - p.t0
         size = dir_size(self.step_dir(p.step)) if jax.process_index() == 0 else 0
         self.on_event("checkpoint", step=p.step, blocking=p.blocking, durable=self.last_durable_s, bytes=size)
         log(f"checkpoint {p.step}: {size / 1e6:.1f} MB, blocked {p.blocking:.3f}s, "
