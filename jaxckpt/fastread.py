@@ -253,12 +253,22 @@ def _aligned_copy(host: np.ndarray) -> np.ndarray:
     return out
 
 
-def _assemble(target: Any, boxes: dict[Slices, list[jax.Device]], hosts: list[np.ndarray]) -> jax.Array:
-    shards = []
-    for host, devices in zip(hosts, boxes.values(), strict=True):
-        for i, device in enumerate(devices):  # one buffer per device: a donating step may write into it
-            shards.append(jax.device_put(host if i == 0 else _aligned_copy(host), device))
-    return jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding, shards)
+def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]], hosts: list[np.ndarray]) -> list:
+    """One ``jax.device_put`` for every shard of every leaf (batched: ~0.25 ms per call saved per shard)."""
+    bufs, devices, counts, it = [], [], [], iter(hosts)
+    for leaf_boxes in boxes:
+        counts.append(sum(len(d) for d in leaf_boxes.values()))
+        for devs in leaf_boxes.values():
+            host = next(it)
+            for i, device in enumerate(devs):  # one buffer per device: a donating step may write into it
+                bufs.append(host if i == 0 else _aligned_copy(host))
+                devices.append(device)
+    shards, leaves, start = jax.device_put(bufs, devices), [], 0
+    for target, n in zip(targets, counts, strict=True):
+        leaves.append(jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding,
+                                                               shards[start : start + n]))
+        start += n
+    return leaves
 
 
 def _prefetch(fds: dict[Path, int]) -> None:
@@ -278,6 +288,14 @@ def _available_memory() -> int:
         return 0
 
 
+def _read_all(jobs: list[tuple[ArrayReader, Slices]], threads: int) -> list[np.ndarray]:
+    """Every job's box, read on ``threads`` threads in on-disk order (files front to back)."""
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0].first_extent(jobs[i][1]))
+    with ThreadPoolExecutor(threads) as pool:
+        done = dict(zip(order, pool.map(lambda i: jobs[i][0].read(jobs[i][1]), order), strict=True))
+    return [done[i] for i in range(len(jobs))]
+
+
 def restore(item_dir: Path, abstract: PyTree, threads: int | None = None) -> PyTree:
     """The tree ``abstract`` (ShapeDtypeStructs with shardings) read from ``item_dir`` (a ``state`` item)."""
     index = read_index(Path(item_dir))
@@ -293,12 +311,9 @@ def restore(item_dir: Path, abstract: PyTree, threads: int | None = None) -> PyT
         readers = [ArrayReader(n, a, index, fds) for n, a in zip(names, stored, strict=True)]
         boxes = [_boxes(t) for t in targets]
         jobs = [(r, box) for r, b in zip(readers, boxes, strict=True) for box in b]
-        order = sorted(range(len(jobs)), key=lambda i: jobs[i][0].first_extent(jobs[i][1]))  # files front to back
-        with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
-            done = dict(zip(order, pool.map(lambda i: jobs[i][0].read(jobs[i][1]), order), strict=True))
-        hosts = iter([done[i] for i in range(len(jobs))])
+        hosts = _read_all(jobs, threads or min(8, os.cpu_count() or 1))
     finally:
         for fd in fds.values():
             os.close(fd)
-    leaves = [_assemble(t, b, [next(hosts) for _ in b]) for t, b in zip(targets, boxes, strict=True)]
+    leaves = _to_devices(targets, boxes, hosts)
     return jax.tree.unflatten(treedef, leaves)
