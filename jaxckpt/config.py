@@ -135,7 +135,7 @@ class TrainConfig:
     init_from: str = ""  # PATH[:STEP] of a checkpoint to take params from (fine-tuning)
     progress: bool = True
     tensorboard: bool = True
-    compilation_cache: str = "auto"  # JAX persistent compilation cache dir; "auto" = user cache; "" = off
+    compilation_cache: str = "auto"  # JAX's compilation cache + compiled train steps; "auto" = user cache; "" = off
 
     def validate(self) -> None:
         _check(self.steps > 0, "train.steps must be positive")

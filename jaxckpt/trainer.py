@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt import aot
 from jaxckpt import resume as resume_lib
 from jaxckpt.checkpoint import Checkpointer
 from jaxckpt.config import Config
@@ -44,6 +45,7 @@ class Run:
     data: DataPipeline
     step_fn: Any = None
     eval_fn: Any = None
+    executables: Path | None = None  # where compiled train steps are kept (jaxckpt.aot); None = off
     last_metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -98,17 +100,18 @@ def process_start_time() -> float:
         return time.time()
 
 
-def enable_compilation_cache(setting: str) -> None:
-    """JAX's persistent compilation cache ("auto" = the user cache dir; "" = off)."""
+def enable_compilation_cache(setting: str) -> Path | None:
+    """JAX's persistent compilation cache ("auto" = the user cache dir; "" = off); returns its directory."""
     if not setting or (jax.process_count() > 1 and jax.default_backend() == "cpu"):
         # CPU cache keys include the device assignment, so only process 0 would hit the cache; the
         # other processes then reach the first collective >30 s later and gloo's fixed timeout fires.
-        return
+        return None
     from jaxckpt.data import cache_dir
 
     path = cache_dir() / "xla" if setting == "auto" else Path(setting)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
 
 
 def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult:
@@ -118,13 +121,14 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    enable_compilation_cache(cfg.train.compilation_cache)
+    cache = enable_compilation_cache(cfg.train.compilation_cache)
     with PreemptionGuard() as guard, WorkdirLock(workdir):
         route_library_logs(workdir)
         events = EventLog(workdir)
         events.emit("start", process_start=process_start_time(), processes=jax.process_count(),
                     devices=jax.device_count())
         run = Run.build(cfg, workdir)
+        run.executables = cache / "executables" if cache is not None else None
         resume_lib.prepare_dir(cfg, workdir)
         with Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=events.emit) as ckpt:
             t0 = time.perf_counter()
@@ -143,6 +147,12 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
                 getattr(start.iterator, "close", lambda: None)()
         events.emit("end", step=result.step)
         return result
+
+
+def step_program(cfg: Config) -> dict[str, Any]:
+    """The settings the compiled train step depends on (beyond its argument shapes and shardings)."""
+    d = cfg.to_dict()
+    return {"model": d["model"], "optim": d["optim"], "mesh": d["mesh"], "train.steps": cfg.train.steps}
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
@@ -168,10 +178,11 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
         batch = run.data.to_global(next(it))
         if step == start.step:  # the first step compiles (or loads from the cache): time it
             t_first = time.perf_counter()
-            state, metrics = jax.block_until_ready(run.step_fn(state, batch))
+            step_fn = aot.compiled(run.step_fn, (state, batch), "train_step", step_program(run.cfg), run.executables)
+            state, metrics = jax.block_until_ready(step_fn(state, batch))
             events.emit("first_step", step=step + 1, seconds=time.perf_counter() - t_first)
         else:
-            state, metrics = run.step_fn(state, batch)
+            state, metrics = step_fn(state, batch)
         step += 1
         do_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
         if do_eval or step % cfg.log_every == 0 or step == end:
