@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import pickle
-import threading
 from collections.abc import Callable
 from functools import cache
 from importlib import metadata
@@ -98,44 +97,13 @@ def _store(path: Path, compiled: Any) -> None:
         log(f"could not keep the compiled step in {path.parent} ({type(e).__name__}: {e})")
 
 
-def _path(directory: Path, name: str, program: dict[str, Any], args: tuple) -> Path:
-    return directory / f"{name}-{cache_key(name, program, args)[:40]}.jaxexe"
-
-
-class Prefetch:
-    """Loads a stored executable on a thread (e.g. while the checkpoint restores); never compiles there.
-
-    ``args`` may be abstract (ShapeDtypeStructs with shardings): they key the file as concrete arrays would.
-    """
-
-    def __init__(self, name: str, program: dict[str, Any], args: tuple, directory: Path | None):
-        self.path = _path(directory, name, program, args) if directory is not None else None
-        self._loaded: Any = None
-        self._thread: threading.Thread | None = None
-        if self.path is not None and self.path.is_file():
-            self._thread = threading.Thread(target=self._load, name="jaxckpt-load-executable")
-            self._thread.start()
-
-    def _load(self) -> None:
-        self._loaded = _load(self.path)
-
-    def get(self, path: Path) -> Any | None:
-        """The loaded executable if it is the one stored at ``path``, else None."""
-        if self._thread is None:
-            return None
-        self._thread.join()
-        return self._loaded if path == self.path else None
-
-
-def compiled(jitted: Any, args: tuple, name: str, program: dict[str, Any], directory: Path | None,
-             prefetch: Prefetch | None = None) -> Callable:
-    """``jitted`` compiled for ``args``: loaded from ``directory`` if it holds this exact program (or taken
-    from ``prefetch`` if that already loaded it), else compiled and stored there. Without a directory,
-    ``jitted`` itself."""
+def compiled(jitted: Any, args: tuple, name: str, program: dict[str, Any], directory: Path | None) -> Callable:
+    """``jitted`` compiled for ``args``: loaded from ``directory`` if it holds this exact program, else
+    compiled (and stored there). Without a directory, ``jitted`` itself."""
     if directory is None:
         return jitted
-    path = _path(directory, name, program, args)
-    loaded = (prefetch.get(path) if prefetch is not None else None) or _load(path)
+    path = directory / f"{name}-{cache_key(name, program, args)[:40]}.jaxexe"
+    loaded = _load(path)
     if loaded is not None:
         return loaded
     result = jitted.lower(*args).compile()

@@ -46,7 +46,6 @@ class Run:
     step_fn: Any = None
     eval_fn: Any = None
     executables: Path | None = None  # where compiled train steps are kept (jaxckpt.aot); None = off
-    prefetch: Any = None  # aot.Prefetch: the stored step, loading while the checkpoint restores
     last_metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -64,12 +63,6 @@ class Run:
 
     def abstract_state(self) -> PyTree:
         return abstract_state(self.mdef, self.tx, self.mesh)
-
-    def abstract_step_args(self) -> tuple[PyTree, jax.ShapeDtypeStruct]:
-        """(state, batch) of the train step as ShapeDtypeStructs with their shardings."""
-        batch = jax.ShapeDtypeStruct((self.cfg.data.batch_size, self.cfg.model.seq_len + 1), np.int32,
-                                     sharding=self.data.sharding)
-        return self.abstract_state(), batch
 
     def tokens_per_step(self) -> int:
         return self.cfg.data.batch_size * self.cfg.model.seq_len
@@ -136,7 +129,6 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
                     devices=jax.device_count())
         run = Run.build(cfg, workdir)
         run.executables = cache / "executables" if cache is not None else None
-        run.prefetch = aot.Prefetch("train_step", step_program(cfg), run.abstract_step_args(), run.executables)
         resume_lib.prepare_dir(cfg, workdir)
         with Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=events.emit) as ckpt:
             t0 = time.perf_counter()
@@ -186,8 +178,7 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
         batch = run.data.to_global(next(it))
         if step == start.step:  # the first step compiles (or loads from the cache): time it
             t_first = time.perf_counter()
-            step_fn = aot.compiled(run.step_fn, (state, batch), "train_step", step_program(run.cfg), run.executables,
-                                   run.prefetch)
+            step_fn = aot.compiled(run.step_fn, (state, batch), "train_step", step_program(run.cfg), run.executables)
             state, metrics = jax.block_until_ready(step_fn(state, batch))
             events.emit("first_step", step=step + 1, seconds=time.perf_counter() - t_first)
         else:

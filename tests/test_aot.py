@@ -102,16 +102,3 @@ def test_sharded_over_some_of_the_devices(tmp_path: Path) -> None:
     out = loaded(x())
     assert out.sharding == sh
     assert np.array_equal(np.asarray(out), np.arange(16) * 2 + 1)
-
-
-def test_prefetch_from_abstract_arguments(tmp_path: Path) -> None:
-    """The file is found from ShapeDtypeStructs (before the state exists) and loaded on a thread."""
-    aot.compiled(make_step(), args(), "step", {}, tmp_path)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args())
-    prefetch = aot.Prefetch("step", {}, abstract, tmp_path)
-    TRACES.clear()
-    fn = aot.compiled(make_step(), args(), "step", {}, tmp_path, prefetch)
-    assert TRACES == []
-    assert fn is prefetch.get(prefetch.path)  # the prefetched executable itself, not a second load
-    assert run_twice(fn) == run_twice(make_step())
-    assert aot.Prefetch("step", {"other": 1}, abstract, tmp_path).get(prefetch.path) is None  # nothing stored
