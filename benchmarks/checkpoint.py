@@ -75,6 +75,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
+    import benchlib
+except ImportError:
+    from benchmarks import benchlib
 from jaxckpt import checkpoint as ckpt_lib
 
 try:  # the CRC32 manifest jaxckpt writes after each save and checks on resume
@@ -92,7 +96,7 @@ from jaxckpt.optim import make_optimizer
 from jaxckpt.state import ModelDef, abstract_state
 
 PyTree = Any
-MiB = 2**20
+MiB = benchlib.MiB
 
 # ----------------------------------------------------------------------------------------------
 # The state
@@ -121,16 +125,12 @@ def build_state(gb: float) -> PyTree:
     ``jax.device_put`` because XLA's RNG runs at ~10 M values/s on these 2 cores.
     """
     abstract = target(gb)
-    block = np.random.default_rng(0).normal(0.0, 0.02, 16 * MiB).astype(np.float32)
+    block = benchlib.noise_block()
 
     def leaf(i: int, a: jax.ShapeDtypeStruct) -> jax.Array:
         host = np.zeros(a.shape, a.dtype)
         if jnp.issubdtype(a.dtype, jnp.floating):
-            flat, start, lo = host.reshape(-1), (i * 7919) % block.size, 0
-            while lo < flat.size:  # np.resize is ~10x slower than these slice copies
-                n = min(block.size - start, flat.size - lo)
-                flat[lo : lo + n] = block[start : start + n]
-                lo, start = lo + n, 0
+            benchlib.fill_leaf(i, host, block)
         return jax.device_put(host, a.sharding)
 
     leaves, treedef = jax.tree.flatten(abstract)
@@ -294,68 +294,7 @@ def patch_ts_context(extra: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# OS helpers
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def proc_status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def dirty_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Dirty:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``, then ``root``'s parent."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-    fsync_dir(root.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def drop_caches(root: Path) -> str:
-    """Evict ``root``'s files from the page cache; returns the method that worked."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-        return "drop_caches"
-    except OSError:
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-        return "fadvise"
-
-
-def dir_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
+# OS helpers: benchmarks/benchlib.py
 
 # ----------------------------------------------------------------------------------------------
 # Workers (each runs in its own process)
@@ -376,35 +315,35 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     variant, directory = VARIANTS[args.variant], Path(args.dir)
     apply_patches(variant)
     warm_up(variant, directory.with_name(directory.name + "-warmup"))
-    baseline = proc_status_mb("VmRSS")  # runtime + imports, before the state exists
+    baseline = benchlib.proc_status_mb("VmRSS")  # runtime + imports, before the state exists
     state = build_state(args.gb)
     out: dict[str, Any] = {"state_bytes": tree_bytes(state), "checksum": checksum(state), "baseline_mb": baseline}
     mgr = variant.manager(directory)
     meta = {"step": 1, "note": "benchmark"}
     gc.collect()
-    reset_peak_rss()
+    benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     mgr.save(1, args=ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave(meta)), force=True)
     t1 = time.perf_counter()
     mgr.wait_until_finished()
     t2 = time.perf_counter()
-    out["dirty_after_wait_mb"] = dirty_mb()
-    fsync_tree(directory / "1")
+    out["dirty_after_wait_mb"] = benchlib.dirty_mb()
+    benchlib.fsync_tree(directory / "1")
     t3, out["cpu_s"] = time.perf_counter(), time.process_time() - c0
-    out["peak_rss_mb"] = proc_status_mb("VmHWM")
+    out["peak_rss_mb"] = benchlib.proc_status_mb("VmHWM")
     mgr.close()
     if variant.manifest and integrity is not None:
         t4 = time.perf_counter()
         integrity.write_manifest(directory / "1")
         out["manifest_s"] = time.perf_counter() - t4
     out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0,
-               disk_bytes=dir_bytes(directory / "1"))
+               disk_bytes=benchlib.dir_bytes(directory / "1"))
     return out
 
 
 def timed_restore(mgr: ocp.CheckpointManager, variant: Variant, abstract: PyTree) -> dict[str, Any]:
     gc.collect()
-    reset_peak_rss()
+    benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     if variant.fast_restore:
         restored = fastread.restore(Path(mgr.directory) / "1" / "state", abstract)
@@ -412,7 +351,7 @@ def timed_restore(mgr: ocp.CheckpointManager, variant: Variant, abstract: PyTree
         restored = mgr.restore(1, args=ocp.args.Composite(state=variant.restore(abstract)))["state"]
     jax.block_until_ready(restored)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = proc_status_mb("VmHWM")
+    peak = benchlib.proc_status_mb("VmHWM")
     same = all(x.sharding.is_equivalent_to(t.sharding, len(x.shape))
                for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True))
     out = {"s": dt, "cpu_s": cpu, "peak_rss_mb": peak, "checksum": checksum(restored), "shardings_ok": same}
@@ -426,16 +365,16 @@ def worker_restore(args: argparse.Namespace) -> dict[str, Any]:
     apply_patches(variant)
     abstract = target(args.gb)
     warm_up(variant, directory.with_name(directory.name + "-warmup"))
-    baseline = proc_status_mb("VmRSS")
+    baseline = benchlib.proc_status_mb("VmRSS")
     with variant.manager(directory) as mgr:
         first = timed_restore(mgr, variant, abstract)  # peak RSS is only clean for this first one
-        method = drop_caches(directory)
+        method = benchlib.drop_caches(directory)
         cold = timed_restore(mgr, variant, abstract)
         warm = timed_restore(mgr, variant, abstract)
     out = {"restore_first": first, "restore_cold": cold, "restore_warm": warm, "evict": method,
            "restore_baseline_mb": baseline}
     if variant.manifest and integrity is not None and integrity.has_manifest(directory / "1"):
-        drop_caches(directory)
+        benchlib.drop_caches(directory)
         for label in ("verify_cold_s", "verify_warm_s"):
             t0 = time.perf_counter()
             out["verify_problems"] = integrity.verify(directory / "1")
@@ -447,13 +386,13 @@ def numpy_read(path: Path, abstract: PyTree) -> tuple[float, float]:
     """(seconds, peak RSS MB) to np.load every leaf from one file and device_put it into its sharding."""
     leaves, treedef = jax.tree.flatten(abstract)
     gc.collect()
-    reset_peak_rss()
+    benchlib.reset_peak_rss()
     t0 = time.perf_counter()
     with open(path, "rb") as f:
         arrays = [np.load(f) for _ in leaves]
     restored = jax.device_put(arrays, [x.sharding for x in leaves])
     jax.block_until_ready(restored)
-    dt, peak = time.perf_counter() - t0, proc_status_mb("VmHWM")
+    dt, peak = time.perf_counter() - t0, benchlib.proc_status_mb("VmHWM")
     del arrays, restored
     gc.collect()
     return dt, peak
@@ -464,24 +403,24 @@ def worker_numpy(args: argparse.Namespace) -> dict[str, Any]:
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "state.npy"
-    baseline = proc_status_mb("VmRSS")
+    baseline = benchlib.proc_status_mb("VmRSS")
     state = build_state(args.gb)
     gc.collect()
-    reset_peak_rss()
+    benchlib.reset_peak_rss()
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         for x in jax.tree.leaves(state):
             np.save(f, np.asarray(x))
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(directory)
-    out: dict[str, Any] = {"durable_s": time.perf_counter() - t0, "peak_rss_mb": proc_status_mb("VmHWM"),
+    benchlib.fsync_dir(directory)
+    out: dict[str, Any] = {"durable_s": time.perf_counter() - t0, "peak_rss_mb": benchlib.proc_status_mb("VmHWM"),
                            "baseline_mb": baseline}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     del state
     gc.collect()
     _, out["first_peak_rss_mb"] = numpy_read(path, abstract)  # page cache warm from the write
-    out["evict"] = drop_caches(directory)
+    out["evict"] = benchlib.drop_caches(directory)
     out["cold_s"], out["cold_peak_rss_mb"] = numpy_read(path, abstract)
     out["warm_s"], out["warm_peak_rss_mb"] = numpy_read(path, abstract)
     out["disk_bytes"] = path.stat().st_size
@@ -510,7 +449,8 @@ def timed_copy(dst: list[np.ndarray], src: list[np.ndarray]) -> dict[str, float]
     t0, c0 = time.perf_counter(), time.process_time()
     for d, a in zip(dst, src, strict=True):
         np.copyto(d, a)
-    return {"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "peak_rss_mb": proc_status_mb("VmHWM")}
+    return {"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "peak_rss_mb": benchlib.proc_status_mb("VmHWM")}
 
 
 def worker_memcpy(args: argparse.Namespace) -> dict[str, Any]:
@@ -520,8 +460,8 @@ def worker_memcpy(args: argparse.Namespace) -> dict[str, Any]:
     state = build_state(args.gb)
     src = [np.asarray(x) for x in jax.tree.leaves(state)]  # host buffers (gathered if sharded), before timing
     gc.collect()
-    baseline = proc_status_mb("VmRSS")  # the source state is resident
-    reset_peak_rss()
+    baseline = benchlib.proc_status_mb("VmRSS")  # the source state is resident
+    benchlib.reset_peak_rss()
     trials, ok = [], True
     for _ in range(MEMCPY_TRIALS):
         dst = fresh_views(src)  # np.empty only maps the pages: the faults land in the copy
@@ -549,7 +489,7 @@ def run_dd(directory: Path, nbytes: int) -> dict[str, float]:
     subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync"],
                    check=True, capture_output=True)
     write_s = time.perf_counter() - t0
-    drop_caches(directory)
+    benchlib.drop_caches(directory)
     t0 = time.perf_counter()
     subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
     read_s = time.perf_counter() - t0

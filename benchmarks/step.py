@@ -36,13 +36,15 @@ from typing import Any
 
 import jax
 
+try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
+    import benchlib
+except ImportError:
+    from benchmarks import benchlib
 from jaxckpt import trainer as trainer_lib
 from jaxckpt.config import Config, load_config
-from jaxckpt.data import prepare
 from jaxckpt.state import create_state
 from jaxckpt.trainer import Run
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 # configs/small.py shrunk so one step is ~50-300 ms on 2 CPU cores (depending on load).
 DEFAULT_OVERRIDES = [
     "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.d_ff=512", "model.seq_len=128",
@@ -64,13 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def dataset(tmp: Path) -> str:
-    """A prepared tinyshakespeare dataset in ``tmp`` if the text exists, else '' (default corpus)."""
-    if not SHAKESPEARE.is_file():
-        return ""
-    out = tmp / "shakespeare"
-    prepare([SHAKESPEARE], out, force=True)
-    return str(out)
 
 
 def build_config(args: argparse.Namespace, data_path: str) -> Config:
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         # Only to make the trainer's per-round recompilation cheap; timings exclude compilation anyway.
         jax.config.update("jax_compilation_cache_dir", str(tmp / "jax-cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        cfg = build_config(args, dataset(tmp))
+        cfg = build_config(args, benchlib.dataset(tmp))
         bare = Bare(cfg, tmp / "bare", args.warmup)
         try:
             results = run_rounds(bare, cfg, args, tmp)

@@ -5,7 +5,7 @@
     <torch-python> benchmarks/torch_ckpt.py --worker dcp-save  --dir D --shapes shapes.json
     <torch-python> benchmarks/torch_ckpt.py --worker dcp-load  --dir D --shapes shapes.json
 
-Standalone: imports torch and numpy only (no jax/jaxckpt), so it runs under a separate interpreter
+Standalone: imports torch, numpy and benchlib.py only (no jax/jaxckpt), so it runs under a separate interpreter
 (``.venv-torch``: Python 3.11 + a CPU torch wheel). ``benchmarks/checkpoint.py`` writes ``shapes.json`` -- a JSON
 list of ``[shape, dtype]``, one per leaf of its train state in ``jax.tree.leaves`` order -- starts one process
 per phase (so peak RSS is separable) and reads the JSON line each prints last. The state is a flat
@@ -28,7 +28,6 @@ import argparse
 import gc
 import inspect
 import json
-import os
 import shutil
 import sys
 import time
@@ -41,73 +40,17 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-MiB = 2**20
+try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
+    import benchlib
+except ImportError:
+    from benchmarks import benchlib
+
 State = dict[str, torch.Tensor]
 Shapes = list[tuple[tuple[int, ...], np.dtype]]
 
 # DCP warns on every call that it assumes a single process (no process group): expected here.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-
-# ----------------------------------------------------------------------------------------------
-# OS helpers (the same as benchmarks/checkpoint.py's; copied because that module imports jax)
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def proc_status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def dirty_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Dirty:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``, then ``root``'s parent."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(dirpath, name))
-        fsync_path(Path(dirpath), os.O_RDONLY | os.O_DIRECTORY)
-    fsync_path(root.parent, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def drop_caches(root: Path) -> str:
-    """Evict ``root``'s files from the page cache; returns the method that worked."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-        return "drop_caches"
-    except OSError:
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-        return "fadvise"
-
-
-def dir_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
 
 # ----------------------------------------------------------------------------------------------
 # The state
@@ -123,16 +66,12 @@ def key(i: int) -> str:
 
 def build_state(shapes: Shapes) -> State:
     """checkpoint.py's ``build_state`` bytes as CPU tensors: float leaves tiled from a 64 MiB N(0, 0.02) block."""
-    block = np.random.default_rng(0).normal(0.0, 0.02, 16 * MiB).astype(np.float32)
+    block = benchlib.noise_block()
     state: State = {}
     for i, (shape, dtype) in enumerate(shapes):
         host = np.zeros(shape, dtype)
         if np.issubdtype(dtype, np.floating):
-            flat, start, lo = host.reshape(-1), (i * 7919) % block.size, 0
-            while lo < flat.size:
-                n = min(block.size - start, flat.size - lo)
-                flat[lo : lo + n] = block[start : start + n]
-                lo, start = lo + n, 0
+            benchlib.fill_leaf(i, host, block)
         state[key(i)] = torch.from_numpy(host)
     return state
 
@@ -189,33 +128,34 @@ def timed_save(directory: Path, shapes: Shapes, save: Callable[[State], Any], wa
                target: Path) -> dict[str, Any]:
     """Build the state, then time ``save`` (blocking), ``wait`` (done) and an fsync pass of ``target`` (durable)."""
     warm_up(directory.with_name(directory.name + "-warmup"))
-    baseline = proc_status_mb("VmRSS")  # runtime + imports, before the state exists
+    baseline = benchlib.proc_status_mb("VmRSS")  # runtime + imports, before the state exists
     state = build_state(shapes)
     out: dict[str, Any] = {"state_bytes": state_bytes(state), "checksum": checksum(state), "baseline_mb": baseline,
                            "torch": torch.__version__, "dcp_defaults": dcp_defaults()}
     directory.mkdir(parents=True, exist_ok=True)
     gc.collect()
-    reset_peak_rss()
+    benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     handle = save(state)
     t1 = time.perf_counter()
     wait(handle)
     t2 = time.perf_counter()
-    out["dirty_after_wait_mb"] = dirty_mb()
-    fsync_tree(target)
+    out["dirty_after_wait_mb"] = benchlib.dirty_mb()
+    benchlib.fsync_tree(target)
     t3, out["cpu_s"] = time.perf_counter(), time.process_time() - c0
-    out["peak_rss_mb"] = proc_status_mb("VmHWM")
-    out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0, disk_bytes=dir_bytes(target))
+    out["peak_rss_mb"] = benchlib.proc_status_mb("VmHWM")
+    out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0,
+               disk_bytes=benchlib.dir_bytes(target))
     return out
 
 
 def timed_load(load: Callable[[], State]) -> dict[str, Any]:
     gc.collect()
-    reset_peak_rss()
+    benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     state = load()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    out = {"s": dt, "cpu_s": cpu, "peak_rss_mb": proc_status_mb("VmHWM"), "checksum": checksum(state)}
+    out = {"s": dt, "cpu_s": cpu, "peak_rss_mb": benchlib.proc_status_mb("VmHWM"), "checksum": checksum(state)}
     del state
     gc.collect()
     return out
@@ -224,9 +164,9 @@ def timed_load(load: Callable[[], State]) -> dict[str, Any]:
 def timed_loads(directory: Path, load: Callable[[], State]) -> dict[str, Any]:
     """First (page cache warm from the save), cold and warm loads; peak RSS is only clean for the first."""
     warm_up(directory.with_name(directory.name + "-warmup"))
-    baseline = proc_status_mb("VmRSS")
+    baseline = benchlib.proc_status_mb("VmRSS")
     first = timed_load(load)
-    method = drop_caches(directory)
+    method = benchlib.drop_caches(directory)
     cold = timed_load(load)
     warm = timed_load(load)
     return {"restore_first": first, "restore_cold": cold, "restore_warm": warm, "evict": method,

@@ -69,17 +69,19 @@ from typing import Any
 
 import jax
 
+try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
+    import benchlib
+except ImportError:
+    from benchmarks import benchlib
 from jaxckpt import resume as resume_lib
 from jaxckpt import trainer as trainer_lib
 from jaxckpt.checkpoint import Checkpointer
 from jaxckpt.config import Config, load_config
-from jaxckpt.data import prepare
 from jaxckpt.metrics import read_jsonl
 from jaxckpt.model import param_count
 from jaxckpt.state import create_state
 from jaxckpt.trainer import Run
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 SLOWDOWN_TARGET = 1.2
 GOODPUT_TARGET = 0.98
 TICK_S = 0.01  # watcher period while a save is pending
@@ -106,13 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def dataset(tmp: Path) -> str:
-    """A prepared tinyshakespeare dataset in ``tmp`` if the text exists, else '' (default corpus)."""
-    if not SHAKESPEARE.is_file():
-        return ""
-    out = tmp / "shakespeare"
-    prepare([SHAKESPEARE], out, force=True)
-    return str(out)
 
 
 def data_overrides(data_path: str) -> list[str]:
@@ -626,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         args.scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="jaxckpt-bench-train-save-", dir=args.scratch) as tmp_s:
         tmp = Path(tmp_s)
-        data_path = dataset(tmp)
+        data_path = benchlib.dataset(tmp)
         cfg = load_config(args.config, data_overrides(data_path) + list(args.overrides))
         args.every = args.every or cfg.checkpoint.every_steps
         if args.every <= 0:

@@ -1,0 +1,110 @@
+"""What the benchmark scripts share: OS measurements, the noise that fills benchmark states, the dataset.
+
+Standard library + numpy only at import time, so ``torch_ckpt.py`` can use it under an interpreter that has
+neither jax nor jaxckpt. Scripts run as files (``benchmarks/`` is then ``sys.path[0]``) and import it as
+``benchlib``; imported as ``benchmarks.<name>`` from the repo root, they take ``benchmarks.benchlib``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+MiB = 2**20
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+# -- memory and page cache ---------------------------------------------------------------------
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def proc_status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def dirty_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Dirty:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def drop_caches(root: Path) -> str:
+    """Evict ``root``'s files from the page cache; returns the method that worked."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return "drop_caches"
+    except OSError:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "fadvise"
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, then ``root``'s parent."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(dirpath, name))
+        fsync_dir(Path(dirpath))
+    fsync_dir(root.parent)
+
+
+def dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# -- benchmark states and data -----------------------------------------------------------------
+
+
+def noise_block() -> np.ndarray:
+    """64 MiB of N(0, 0.02) float32: longer than any zstd window, so compression cannot cheat."""
+    return np.random.default_rng(0).normal(0.0, 0.02, 16 * MiB).astype(np.float32)
+
+
+def fill_leaf(i: int, host: np.ndarray, block: np.ndarray) -> None:
+    """Tile (float) leaf ``i`` from ``block``, starting at a leaf-dependent offset."""
+    flat, start, lo = host.reshape(-1), (i * 7919) % block.size, 0
+    while lo < flat.size:  # np.resize is ~10x slower than these slice copies
+        n = min(block.size - start, flat.size - lo)
+        flat[lo : lo + n] = block[start : start + n]
+        lo, start = lo + n, 0
+
+
+def dataset(tmp: Path) -> str:
+    """A prepared tinyshakespeare dataset in ``tmp`` if the text exists, else '' (default corpus)."""
+    if not SHAKESPEARE.is_file():
+        return ""
+    from jaxckpt.data import prepare  # here, not at the top: torch_ckpt.py imports this module without jax
+
+    out = tmp / "shakespeare"
+    prepare([SHAKESPEARE], out, force=True)
+    return str(out)
