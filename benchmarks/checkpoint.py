@@ -612,16 +612,7 @@ def torch_save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_m
         rows = results.get(name, [])
         if not rows:
             continue
-        if all("error" in r for r in rows):
-            lines.append(f"| {label} | error: {rows[0]['error'][:80]} |" + " |" * 14)
-            continue
-        b, d = med(rows, "blocking_s"), med(rows, "durable_s")
-        peak, before = med(rows, "peak_rss_mb"), med(rows, "baseline_mb")
-        lines.append(
-            f"| {label} | {b:.3f} | {b / gb:.3f} | {mark(b / gb <= 0.1)} | {d:.2f} | {d / gb:.2f} | {gb / d:.2f} "
-            f"| {dd_s / d:.2f} | {mark(dd_s / d >= 0.8)} | {med(rows, 'fsync_s'):.3f} | {med(rows, 'cpu_s'):.2f} "
-            f"| {med(rows, 'dirty_after_wait_mb'):.0f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
-            f"| {med(rows, 'disk_bytes') / 1e6:.0f} | - |")
+        lines.append(save_row(label, rows, gb, state_mb, dd_s, "-"))
     return lines
 
 
@@ -632,14 +623,9 @@ def torch_restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, stat
         rows = [r for r in results.get(name, []) if "restore_warm" in r]
         if not rows:
             continue
-        w, c = med(rows, "restore_warm", "s"), med(rows, "restore_cold", "s")
-        peak, before = med(rows, "restore_first", "peak_rss_mb"), med(rows, "restore_baseline_mb")
         ok = all(math.isclose(r[k]["checksum"], r["checksum"], rel_tol=1e-12)
                  for r in rows for k in ("restore_first", "restore_cold", "restore_warm"))
-        lines.append(
-            f"| {label} | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | {med(rows, 'restore_warm', 'cpu_s'):.2f} "
-            f"| {c:.2f} | {c / gb:.2f} | {med(rows, 'restore_first', 's'):.2f} | {peak / state_mb:.2f} "
-            f"| {(peak - before) / state_mb:.2f} | {'yes' if ok else 'NO'} | - |")
+        lines.append(restore_row(label, rows, gb, state_mb, ok, "-"))
     return lines
 
 
@@ -704,6 +690,27 @@ SAVE_HEAD = ("| variant | blocking s | s/GB | ≤0.1 s/GB | durable s | s/GB | G
              "| above baseline ×state | disk MB | + jaxckpt CRC32 manifest s |")
 
 
+def save_row(label: str, rows: list[dict[str, Any]], gb: float, state_mb: float, dd_s: float, manifest: str) -> str:
+    """One save-table row (medians over ``rows``), or the first error if every repetition failed."""
+    if all("error" in r for r in rows):
+        return f"| {label} | error: {rows[0]['error'][:80]} |" + " |" * 14
+    b, d = med(rows, "blocking_s"), med(rows, "durable_s")
+    peak, before = med(rows, "peak_rss_mb"), med(rows, "baseline_mb")
+    return (f"| {label} | {b:.3f} | {b / gb:.3f} | {mark(b / gb <= 0.1)} | {d:.2f} | {d / gb:.2f} | {gb / d:.2f} "
+            f"| {dd_s / d:.2f} | {mark(dd_s / d >= 0.8)} | {med(rows, 'fsync_s'):.3f} | {med(rows, 'cpu_s'):.2f} "
+            f"| {med(rows, 'dirty_after_wait_mb'):.0f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
+            f"| {med(rows, 'disk_bytes') / 1e6:.0f} | {manifest} |")
+
+
+def restore_row(label: str, rows: list[dict[str, Any]], gb: float, state_mb: float, ok: bool, verify: str) -> str:
+    """One restore-table row (medians over ``rows``)."""
+    w, c = med(rows, "restore_warm", "s"), med(rows, "restore_cold", "s")
+    peak, before = med(rows, "restore_first", "peak_rss_mb"), med(rows, "restore_baseline_mb")
+    return (f"| {label} | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | {med(rows, 'restore_warm', 'cpu_s'):.2f} "
+            f"| {c:.2f} | {c / gb:.2f} | {med(rows, 'restore_first', 's'):.2f} | {peak / state_mb:.2f} "
+            f"| {(peak - before) / state_mb:.2f} | {'yes' if ok else 'NO'} | {verify} |")
+
+
 def save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: float) -> list[str]:
     dd_s = med(results["dd"], "write_s")
     lines = [SAVE_HEAD, "|" + "---|" * 16,
@@ -718,16 +725,7 @@ def save_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: flo
     for name, rows in results.items():
         if name in REFERENCES:
             continue
-        if all("error" in r for r in rows):
-            lines.append(f"| {name} | error: {rows[0]['error'][:80]} |" + " |" * 14)
-            continue
-        b, d = med(rows, "blocking_s"), med(rows, "durable_s")
-        peak, before = med(rows, "peak_rss_mb"), med(rows, "baseline_mb")
-        lines.append(
-            f"| {name} | {b:.3f} | {b / gb:.3f} | {mark(b / gb <= 0.1)} | {d:.2f} | {d / gb:.2f} | {gb / d:.2f} "
-            f"| {dd_s / d:.2f} | {mark(dd_s / d >= 0.8)} | {med(rows, 'fsync_s'):.3f} | {med(rows, 'cpu_s'):.2f} "
-            f"| {med(rows, 'dirty_after_wait_mb'):.0f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
-            f"| {med(rows, 'disk_bytes') / 1e6:.0f} | {num(med(rows, 'manifest_s'))} |")
+        lines.append(save_row(name, rows, gb, state_mb, dd_s, num(med(rows, "manifest_s"))))
     lines += torch_save_rows(results, gb, state_mb)
     return lines
 
@@ -750,16 +748,11 @@ def restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: 
     for name, rows in results.items():
         if name in REFERENCES or all("restore_warm" not in r for r in rows):
             continue
-        w, c = med(rows, "restore_warm", "s"), med(rows, "restore_cold", "s")
-        peak, before = med(rows, "restore_first", "peak_rss_mb"), med(rows, "restore_baseline_mb")
         ok = all(r[k]["shardings_ok"] and math.isclose(r[k]["checksum"], r["checksum"], rel_tol=1e-6)
                  and not r.get("verify_problems")
                  for r in rows if "restore_warm" in r for k in ("restore_first", "restore_cold", "restore_warm"))
-        lines.append(
-            f"| {name} | {w:.2f} | {w / gb:.2f} | {mark(w / gb <= 0.3)} | {med(rows, 'restore_warm', 'cpu_s'):.2f} "
-            f"| {c:.2f} | {c / gb:.2f} "
-            f"| {med(rows, 'restore_first', 's'):.2f} | {peak / state_mb:.2f} | {(peak - before) / state_mb:.2f} "
-            f"| {'yes' if ok else 'NO'} | {num(med(rows, 'verify_cold_s'))} / {num(med(rows, 'verify_warm_s'))} |")
+        verify = f"{num(med(rows, 'verify_cold_s'))} / {num(med(rows, 'verify_warm_s'))}"
+        lines.append(restore_row(name, rows, gb, state_mb, ok, verify))
     lines += torch_restore_rows(results, gb, state_mb)
     return lines
 
