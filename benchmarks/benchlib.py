@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 
 MiB = 2**20
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+# The text the throughput benchmarks train on: $JAXCKPT_BENCH_TEXT, else ../shared/data beside the checkout; if
+# neither exists, dataset() returns '' and the trainer prepares its default corpus instead.
+SHAKESPEARE = Path(os.environ.get("JAXCKPT_BENCH_TEXT")
+                   or Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 
 
 # -- memory and page cache ---------------------------------------------------------------------

@@ -48,6 +48,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "restart": Benchmark("benchmarks/restart.py",
                          "restart latency (process start -> first step after resume), cold vs warm compile cache",
                          ("--reps", "1")),
+    "mfu": Benchmark("benchmarks/mfu.py", "model FLOPs utilisation of the 125M/1B train step (accelerator only)",
+                     ("--steps", "5", "--repeats", "1")),
 }
 
 

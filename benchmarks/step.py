@@ -246,7 +246,7 @@ def host_lines(costs: dict[str, tuple[float, float]], cfg: Config, step_cpu_ms: 
         total += per_step
         lines.append(f"| {name:<33} | {wall:>12.3f} | {cpu:>11.3f} | {per_step:>11.3f} |")
     lines.append(f"sum {total:.2f} CPU ms/step = {total / step_cpu_ms:.1%} of the bare step's "
-                 f"{step_cpu_ms:.0f} CPU ms (the share of the 2 cores the trainer's host work takes from XLA)")
+                 f"{step_cpu_ms:.0f} CPU ms (the share of the process's CPU time the trainer's host work takes)")
     return lines
 
 

@@ -1,7 +1,9 @@
-"""``jaxckpt bench``: forwards to benchmarks/run.py (no benchmark runs here; each test takes well under a second)."""
+"""``jaxckpt bench`` forwards to benchmarks/run.py; benchmarks/mfu.py counts FLOPs the way XLA does."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import jaxckpt
 from jaxckpt.cli import main
 
-NAMES = ("step", "checkpoint", "train_save", "restart")
+NAMES = ("step", "checkpoint", "train_save", "restart", "mfu")
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,7 +21,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-def test_list_names_the_four_benchmarks() -> None:
+def test_list_names_every_benchmark() -> None:
     p = bench("--list")
     assert p.returncode == 0, p.stderr
     listed = [line.split()[0] for line in p.stdout.splitlines() if line and not line[0].isspace()]
@@ -32,7 +34,7 @@ def test_unknown_name_in_only_is_a_clear_error() -> None:
     p = bench("--only", "restart,nope")
     assert p.returncode == 2
     assert "unknown benchmark(s) 'nope'" in p.stderr
-    assert "known: step, checkpoint, train_save, restart" in p.stderr
+    assert "known: step, checkpoint, train_save, restart, mfu" in p.stderr
     assert "Traceback" not in p.stderr
 
 
@@ -42,3 +44,45 @@ def test_without_a_source_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert main(["bench", "--list"]) == 2
     err = capsys.readouterr().err
     assert "benchmarks/ ships with the source checkout; run from a git clone" in err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_mfu():
+    spec = importlib.util.spec_from_file_location("bench_mfu", REPO / "benchmarks" / "mfu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mfu_counts_every_matmul_weight(tied: bool) -> None:
+    """6·N uses the params minus norms (and minus the lookup-only embedding when untied)."""
+    import jax
+
+    from jaxckpt.config import load_config
+    from jaxckpt.model import param_count
+    from jaxckpt.state import ModelDef
+
+    mfu = load_mfu()
+    cfg = load_config(None, [f"model.tie_embeddings={str(tied).lower()}", "model.n_layers=3"]).model
+    n_params = param_count(jax.tree.leaves(ModelDef.build(cfg).template))
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    lookup = 0 if tied else cfg.vocab_size * cfg.d_model
+    attention = 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    assert mfu.model_flops_per_token(cfg) == 6 * (n_params - norms - lookup) + attention
+
+
+def test_mfu_model_flops_agree_with_xla_on_cpu(tmp_path: Path) -> None:
+    """On the CPU, where XLA counts every dot, its FLOPs per step are the model's plus a few % elementwise."""
+    out = tmp_path / "mfu.json"
+    p = subprocess.run([sys.executable, "benchmarks/mfu.py", "--configs", "configs/tiny.py", "--steps", "2",
+                        "--repeats", "1", "--peak-tflops", "1", "--matmul", "256", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| tiny |" in p.stdout and "MFU vs datasheet" in p.stdout
+    r = json.loads(out.read_text())["results"]["configs/tiny.py"]
+    assert r["tokens_per_step"] == 8 * r["n_devices"] * 64  # DEFAULT_BATCH's 8 sequences per device x seq_len
+    assert 1.0 <= r["xla_flops_per_device"] * r["n_devices"] / r["model_flops_per_step"] < 1.15
+    assert r["step_s"] > 0 and r["loss"] > 0
