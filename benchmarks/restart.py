@@ -52,10 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
+    import benchlib
+except ImportError:
+    from benchmarks import benchlib
 from jaxckpt.config import load_config
 from jaxckpt.errors import ConfigError
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 REPO = Path(__file__).resolve().parents[1]
 # No mid-run saves (the base checkpoint comes from --stop-at-step), no eval, no progress bar: the
 # subprocess's tail after the first step is a few steps and one final save. A metrics row every step
@@ -132,11 +135,11 @@ def check(rc: int, cmd: list[str], log: Path) -> None:
 
 def dataset(bench: Bench) -> str:
     """``jaxckpt prepare`` tinyshakespeare into the scratch dir, or '' (the default corpus) without it."""
-    if not SHAKESPEARE.is_file():
-        bench.log.append(f"{SHAKESPEARE} not found: data.path='' (the default corpus)")
+    if not benchlib.SHAKESPEARE.is_file():
+        bench.log.append(f"{benchlib.SHAKESPEARE} not found: data.path='' (the default corpus)")
         return ""
     out = bench.root / "data"
-    cmd = cli("prepare", "--input", str(SHAKESPEARE), "--out", str(out))
+    cmd = cli("prepare", "--input", str(benchlib.SHAKESPEARE), "--out", str(out))
     _, _, rc = run_logged(cmd, bench.root / "prepare.log")
     check(rc, cmd, bench.root / "prepare.log")
     bench.log.append(" ".join(cmd))
