@@ -37,6 +37,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     dropout: float = 0.0  # residual dropout; uses the per-step RNG key
+    # Recompute activations in the backward pass instead of keeping them: "none"; "block" keeps only each
+    # block's input (least memory, ~1/3 more FLOPs); "dots" also keeps the weight matmuls' outputs.
+    remat: Literal["none", "block", "dots"] = "none"
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):

@@ -96,6 +96,15 @@ class Block(nnx.Module):
         return x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.rate, k2)
 
 
+def remat_block(mode: str):
+    """``(block, x_btd, key) -> block(x_btd, key)``, rematerialised as ``ModelConfig.remat`` says."""
+    call = lambda block, x_btd, key: block(x_btd, key)  # noqa: E731
+    if mode == "none":
+        return call
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "dots" else None
+    return nnx.remat(call, policy=policy)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -109,8 +118,9 @@ class Transformer(nnx.Module):
         """Logits (float32) of shape [batch, seq, vocab]; ``key`` enables dropout (training)."""
         dtype = jnp.dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype)
+        run_block = remat_block(self.cfg.remat)
         for i, block in enumerate(self.blocks):
-            x_btd = block(x_btd, None if key is None else jax.random.fold_in(key, i))
+            x_btd = run_block(block, x_btd, None if key is None else jax.random.fold_in(key, i))
         x_btd = self.final_norm(x_btd)
         if self.cfg.tie_embeddings:
             logits_btv = x_btd @ self.embed[...].astype(dtype).T

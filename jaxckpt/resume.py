@@ -28,6 +28,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tens
 # Config sections/keys that must not change across a resume (they change what the bits mean).
 UNSAFE_KEYS = ("model.", "optim.", "data.path", "data.shuffle_seed", "data.batch_size",
                "data.default_corpus_mb", "train.seed")
+SAFE_MODEL_KEYS = ("model.remat",)  # how the step is computed, not what it computes: the state is the same
 
 
 @dataclass
@@ -86,7 +87,8 @@ def config_changes(saved: dict[str, Any], current: Config) -> tuple[list[str], l
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            (unsafe if key.startswith(UNSAFE_KEYS) else safe).append(line)
+            is_unsafe = key.startswith(UNSAFE_KEYS) and key not in SAFE_MODEL_KEYS
+            (unsafe if is_unsafe else safe).append(line)
     return safe, unsafe
 
 

@@ -370,6 +370,21 @@ def test_safe_config_change_resumes(stopped: Stopped, tmp_path: Path, capsys: py
     assert steps_on_disk(workdir)[-1] == 14
 
 
+def test_remat_is_a_safe_change_with_the_same_bits(stopped: Stopped, reference: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """model.remat changes what the backward pass keeps, not the state: resuming with it is allowed, and in
+    float32 rematerialising whole blocks recomputes the very same values, so the losses match bit for bit."""
+    workdir = stopped.copy(5, tmp_path / "run")
+    capsys.readouterr()
+    result = train(make_cfg(stopped.ds, "model.remat=block"), workdir)
+    err = capsys.readouterr().err
+    assert "resumed from checkpoint 5" in err and "model.remat: 'none' -> 'block'" in err
+    assert result.step == N
+    ref = losses(reference)
+    assert {r["step"]: r["loss"] for r in read_metrics(workdir) if r["step"] > 5} == {
+        s: ref[s] for s in range(6, N + 1)}
+
+
 # -- train.init_from ----------------------------------------------------------------------------
 
 
