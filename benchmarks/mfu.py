@@ -12,7 +12,8 @@ data pipeline is not in this number (``benchmarks/step.py`` measures the trainer
 * step time: the median of ``--repeats`` runs of ``--steps`` back-to-back steps, after two warm-up steps.
 * model FLOPs per token, PaLM's convention (Chowdhery et al. 2022, app. B): ``6·N + 12·L·T·d`` where N counts
   the matmul weights (attention, MLP and the unembedding, tied or not; not the embedding lookup or norms) and
-  the attention term counts the full T×T scores, causal masking notwithstanding.
+  the attention term counts the full T×T scores, causal masking notwithstanding. Recomputation under
+  ``model.remat`` is work the chip does but not model FLOPs, so it lowers MFU.
 * MFU = model FLOP/s ÷ the chip's dense bf16 peak from its datasheet (``PEAK_TFLOPS``; ``--peak-tflops``
   overrides it), and the same against a bf16 matmul measured in this run (the chip's practical ceiling).
 * XLA's own FLOP count of the compiled step (``cost_analysis``; fused attention kernels may be uncounted)
@@ -46,8 +47,10 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v6 lite", 918.0), ("TPU v6e", 918.0),
 )
 DEFAULT_CONFIGS = ("configs/gpt125m.py", "configs/gpt1b.py")
-# Per-chip batch (sequences) for one chip of ~80 GB; scaled by the local device count. No rematerialisation.
-DEFAULT_BATCH = {"gpt125m": 32, "gpt1b": 8}
+# Per-chip batch (sequences) for one chip of ~80 GB, scaled by the local device count. gpt125m runs without
+# rematerialisation (its plan: 47 GiB on an H200); gpt1b with its config's model.remat="block" (9 GiB of
+# temporaries at 8 sequences in XLA's CPU plan; without remat, 130 GiB, and the H200 did not finish compiling).
+DEFAULT_BATCH = {"gpt125m": 32, "gpt1b": 16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,14 +155,14 @@ def row(path: str, cfg: Config, r: dict[str, Any], peak: float | None, probe: fl
     xla = (f"{r['xla_flops_per_device'] * n_dev / (model_flops_per_token(m) * tokens):.2f}"
            if r["xla_flops_per_device"] else "n/a")
     mem = f"{r['xla_bytes_per_device'] / 2**30:.1f}" if r["xla_bytes_per_device"] else "n/a"
-    return (f"| {Path(path).stem} | {r['params'] / 1e6:,.0f}M | {cfg.data.batch_size}x{m.seq_len} | "
+    return (f"| {Path(path).stem} | {r['params'] / 1e6:,.0f}M | {m.remat} | {cfg.data.batch_size}x{m.seq_len} | "
             f"{r['step_s'] * 1e3:,.1f} | {tokens / r['step_s']:,.0f} | {model_tf_s:,.1f} | {mfu} | "
             f"{model_tf_s / probe:.1%} | {xla} | {mem} | {r['compile_s']:.0f} | {r['loss']:.3f} |")
 
 
-HEADER = ("| config | params | batch x seq | step ms | tokens/s | model TFLOP/s per chip | MFU vs datasheet | "
+HEADER = ("| config | params | remat | batch x seq | step ms | tokens/s | model TFLOP/s per chip | MFU vs datasheet | "
           "vs measured matmul | XLA FLOPs / model FLOPs | XLA memory plan GiB per chip | compile s | loss |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = measure(cfg, args.steps, args.repeats)
         except Exception as e:  # noqa: BLE001 - one config out of memory must not hide the others
-            rows.append(f"| {Path(path).stem} | - | {cfg.data.batch_size}x{cfg.model.seq_len} | "
+            rows.append(f"| {Path(path).stem} | - | {cfg.model.remat} | {cfg.data.batch_size}x{cfg.model.seq_len} | "
                         f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |")
             continue
         raw[path] = r

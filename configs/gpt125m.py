@@ -1,6 +1,8 @@
 """125M-parameter GPT-style model for an 8-GPU box or a v4-8/v5e-8 TPU slice.
 
 Mesh: FSDP over all chips (fsdp=-1), data=1, tensor=1 — the usual choice at this size. bf16 compute.
+On chips with 16-32 GiB (v4, v5e) add model.remat=dots or model.remat=block: one chip's 32 sequences of 1024
+otherwise plan ~47 GiB (measured on an H200).
 Use a real tokenizer: jaxckpt prepare --tokenizer tokenizer.json ... and set model.vocab_size.
 """
 
