@@ -497,18 +497,23 @@ def run_dd(directory: Path, nbytes: int) -> dict[str, float]:
     return {"write_s": write_s, "read_cold_s": read_s, "bytes": count * MiB}
 
 
-def run_worker(phase: str, args: argparse.Namespace, directory: Path, variant: str = "") -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", phase, "--dir", str(directory),
-           "--gb", str(args.gb), "--devices", str(args.devices), "--variant", variant or "jaxckpt"]
+def run_json_worker(cmd: list[str], label: str) -> dict[str, Any]:
+    """Run a worker subprocess; its last stdout line is its JSON result, else {"error": ...} with stderr's tail."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    log(f"  {phase} {variant} worker: {time.perf_counter() - t0:.0f}s wall")
+    log(f"  {label} worker: {time.perf_counter() - t0:.0f}s wall")
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        print(f"  {phase} {variant} FAILED (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        print(f"  {label} FAILED (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
         return {"error": f"rc {proc.returncode}: {tail.splitlines()[-1] if tail else ''}"}
     return json.loads(lines[-1])
+
+
+def run_worker(phase: str, args: argparse.Namespace, directory: Path, variant: str = "") -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", phase, "--dir", str(directory),
+           "--gb", str(args.gb), "--devices", str(args.devices), "--variant", variant or "jaxckpt"]
+    return run_json_worker(cmd, f"{phase} {variant}")
 
 
 def filesystem(directory: Path) -> str:
@@ -574,15 +579,7 @@ def write_shapes(path: Path, abstract: PyTree) -> Path:
 
 def run_torch_worker(python: str, phase: str, directory: Path, shapes: Path) -> dict[str, Any]:
     cmd = [python, str(TORCH_SCRIPT), "--worker", phase, "--dir", str(directory), "--shapes", str(shapes)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    log(f"  torch {phase} worker: {time.perf_counter() - t0:.0f}s wall")
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        print(f"  torch {phase} FAILED (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
-        return {"error": f"rc {proc.returncode}: {tail.splitlines()[-1] if tail else ''}"}
-    return json.loads(lines[-1])
+    return run_json_worker(cmd, f"torch {phase}")
 
 
 def run_references(args: argparse.Namespace, root: Path, rep: int, results: dict[str, list[dict[str, Any]]]) -> None:
