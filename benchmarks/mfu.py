@@ -149,12 +149,10 @@ def measure(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
 
 
 def row(path: str, cfg: Config, r: dict[str, Any], peak: float | None, probe: float) -> str:
-    m, n_dev = cfg.model, jax.device_count()
-    tokens = cfg.data.batch_size * m.seq_len
-    model_tf_s = model_flops_per_token(m) * tokens / r["step_s"] / n_dev / 1e12  # per device
+    m, n_dev, tokens, flops = cfg.model, r["n_devices"], r["tokens_per_step"], r["model_flops_per_step"]
+    model_tf_s = flops / r["step_s"] / n_dev / 1e12  # per device
     mfu = f"**{model_tf_s / peak:.1%}**" if peak else "n/a"
-    xla = (f"{r['xla_flops_per_device'] * n_dev / (model_flops_per_token(m) * tokens):.2f}"
-           if r["xla_flops_per_device"] else "n/a")
+    xla = f"{r['xla_flops_per_device'] * n_dev / flops:.2f}" if r["xla_flops_per_device"] else "n/a"
     mem = f"{r['xla_bytes_per_device'] / 2**30:.1f}" if r["xla_bytes_per_device"] else "n/a"
     return (f"| {Path(path).stem} | {r['params'] / 1e6:,.0f}M | {m.remat} | {cfg.data.batch_size}x{m.seq_len} | "
             f"{r['step_s'] * 1e3:,.1f} | {tokens / r['step_s']:,.0f} | {model_tf_s:,.1f} | {mfu} | "
