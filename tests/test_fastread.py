@@ -134,3 +134,26 @@ def test_real_train_state_takes_the_fast_path(tmp_path: Path) -> None:
     item = save(tmp_path, state)
     target = abstract_state(mdef, tx, m)
     assert_bitwise(state, fastread.restore(item, target), target)
+
+
+def test_arena_hands_out_aligned_disjoint_arrays() -> None:
+    arena = fastread.Arena(64 + 16 * 2 * 8)  # room for exactly the two arrays below
+    a = arena.take((3,), np.dtype(np.float32))
+    b = arena.take((16, 2), np.dtype(np.float64))
+    assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0
+    assert b.ctypes.data >= a.ctypes.data + 64  # padded to the next 64 bytes, not overlapping
+    with pytest.raises(ValueError, match="arena"):
+        arena.take((1,), np.dtype(np.float32))
+
+
+def test_restored_shards_alias_one_host_allocation(tmp_path: Path) -> None:
+    """Every shard's device buffer lies inside one allocation: the CPU client aliased the reader's buffers
+    (no second copy) and the reader made one allocation for them all, not one per shard."""
+    state = sample_state()
+    restored = fastread.restore(save(tmp_path, state), abstract(state))
+    shards = [s.data for x in jax.tree.leaves(restored) for s in x.addressable_shards]
+    starts = [s.unsafe_buffer_pointer() for s in shards]
+    ends = [p + s.nbytes for p, s in zip(starts, shards, strict=True)]
+    padded = sum(-(-s.nbytes // 64) * 64 for s in shards)
+    assert len(set(starts)) == len(shards)  # one buffer per device, even for replicated leaves
+    assert max(ends) - min(starts) <= padded
