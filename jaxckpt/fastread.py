@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import mmap
 import os
 import struct
 import threading
@@ -147,20 +146,22 @@ def _padded(nbytes: int) -> int:
 
 
 class Arena:
-    """One anonymous mapping, carved into 64-byte-aligned arrays, for every shard of one restore.
+    """One host allocation, carved into 64-byte-aligned arrays, for every shard of one restore.
 
-    Its pages follow the system's transparent-huge-page policy (as ``torch.load``'s do), not numpy's
-    huge-page hint. On the benchmark VM, which reports free memory back to its host in 8 MiB blocks, a huge
-    page touched for the first time in a process costs far more than the 4 KiB pages it replaces: the first
-    restore of 0.98 GB in a process (what a restart pays) went 1.07-1.13 s -> 0.55-0.56 s on one device and
-    1.00-1.18 s -> 0.79-0.97 s on 8, while a repeated restore in the same process went 0.43 -> 0.57-0.63 s
-    (benchmarks/README.md, §1). One mapping instead of one allocation per shard (1,423 on 8 devices) also
-    keeps the allocator off the path. The arrays are views: the mapping is freed with the last of them.
+    It starts on a 2 MiB boundary, so the huge pages numpy asks for on large allocations cover all of it,
+    not only the middle of each shard's own allocation (8 fake devices: 1,423 shards for 1 GB, most of them
+    under numpy's 4 MiB threshold). Paired runs on the benchmark VM (benchmarks/README.md, §1): a repeated
+    restore of 4 GB 1.9-2.1 s -> 1.1-1.2 s, cold 5.8-6.3 s -> 4.4-5.0 s; the first restore in a process
+    (page cache warm) did not change at 4 GB and got slower at 1 GB (0.75 -> 0.9 s), because that VM
+    backs memory a process touches for the first time at a cost that is highest for huge pages.
+    The arrays are views: the allocation is freed with the last of them.
     """
 
+    _HUGE = 2 << 20
+
     def __init__(self, nbytes: int):
-        self._raw = np.frombuffer(mmap.mmap(-1, max(nbytes, 1), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
-        self._next = 0  # the mapping starts on a page boundary
+        self._raw = np.empty(nbytes + self._HUGE, np.uint8)
+        self._next = -self._raw.ctypes.data % self._HUGE
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

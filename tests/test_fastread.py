@@ -137,13 +137,13 @@ def test_real_train_state_takes_the_fast_path(tmp_path: Path) -> None:
 
 
 def test_arena_hands_out_aligned_disjoint_arrays() -> None:
-    arena = fastread.Arena(64 + 16 * 2 * 8)  # room for exactly the two arrays below
+    arena = fastread.Arena(64 + 16 * 2 * 8)
     a = arena.take((3,), np.dtype(np.float32))
     b = arena.take((16, 2), np.dtype(np.float64))
     assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0
     assert b.ctypes.data >= a.ctypes.data + 64  # padded to the next 64 bytes, not overlapping
     with pytest.raises(ValueError, match="arena"):
-        arena.take((1,), np.dtype(np.float32))
+        arena.take((1 << 20,), np.dtype(np.float32))  # 4 MiB: more than the 2 MiB alignment slack
 
 
 def test_restored_shards_alias_one_host_allocation(tmp_path: Path) -> None:
