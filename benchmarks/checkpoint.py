@@ -54,6 +54,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import json
@@ -164,6 +165,7 @@ class Variant:
     aligned_reads: bool = False  # patch Orbax to read into 64-byte-aligned buffers (see aligned_read_shard)
     manifest: bool = False  # jaxckpt's CRC32 manifest after the save / verify before restore (if the lib has it)
     fast_restore: bool = False  # restore the state with jaxckpt.fastread (the trainer's default), not Orbax
+    gc_paused: bool = False  # save under jaxckpt.checkpoint.gc_paused, as jaxckpt's Checkpointer does
 
 
 def _restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
@@ -220,8 +222,9 @@ VARIANTS: dict[str, Variant] = {
     # Picks up jaxckpt.checkpoint.OCDBT_TARGET_FILE_BYTES if the library defines it (proposed in README.md).
     "jaxckpt": Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTreeRestore)", make_manager,
                        _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
-                       _restore_args, manifest=True, fast_restore=fastread is not None),
-    "jaxckpt-orbax-read": Variant("jaxckpt's save; restore through Orbax (checkpoint.fast_restore=false)",
+                       _restore_args, manifest=True, fast_restore=fastread is not None,
+                       gc_paused=hasattr(ckpt_lib, "gc_paused")),
+    "jaxckpt-orbax-read": Variant("jaxckpt's save (no GC pause); restore through Orbax (fast_restore=false)",
                                   make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
                                   _restore_args, manifest=True),
     "stock": Variant("ocp.CheckpointManager defaults: StandardSave/Restore (OCDBT, zarr2, zstd)",
@@ -323,7 +326,8 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    mgr.save(1, args=ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave(meta)), force=True)
+    with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
+        mgr.save(1, args=ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave(meta)), force=True)
     t1 = time.perf_counter()
     mgr.wait_until_finished()
     t2 = time.perf_counter()

@@ -7,14 +7,16 @@ config, mesh, versions, data fingerprint and position, and the metrics at that s
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,23 @@ def make_manager(directory: Path, async_save: bool = True, read_only: bool = Fal
         "meta": ocp.JsonCheckpointHandler(),
     }
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while Orbax starts a save (the part that blocks training).
+
+    Its per-shard bookkeeping allocates enough small objects to set off collections in the middle. With
+    8 fake devices and 1 GB (1,423 shards), a first save blocked 0.21 s -> 0.16 s, later ones 0.12-0.15 s
+    -> 0.11 s (benchmarks/README.md, §1b).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _is_enospc(e: BaseException) -> bool:
@@ -152,7 +171,8 @@ class Checkpointer:
         )
         self.schedule.saved(step)
         try:
-            self.manager.save(step, args=args, force=True)
+            with gc_paused():
+                self.manager.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 - any failure here is a failed save
             self._failed(step, e)
             return time.perf_counter() - t0

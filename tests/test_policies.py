@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxckpt.checkpoint import Checkpointer
+from jaxckpt.checkpoint import Checkpointer, gc_paused
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.policies import EveryNSeconds, EveryNSteps, Retention, SaveSchedule, retention, save_schedule
 
@@ -264,3 +265,16 @@ def test_retention_latest_zero_keeps_nothing_by_recency() -> None:
     """latest=0 is 'no recency rule' (a slice of [-0:] would have kept everything)."""
     why = Retention(latest=0, every=2).reasons([1, 2, 3, 4], {})
     assert kept(why) == [2, 4]
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_gc_paused_restores_the_collector_state(enabled_before: bool) -> None:
+    """The save's GC pause disables collection inside and leaves it as it found it, also on an error."""
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        with pytest.raises(RuntimeError), gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("save failed")
+        assert gc.isenabled() is enabled_before
+    finally:
+        gc.enable()
