@@ -300,7 +300,7 @@ def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]],
             host = next(it)
             for i, device in enumerate(devs):  # one buffer per device: a donating step may write into it
                 buf = host if i == 0 else arena.take(host.shape, host.dtype)
-                if buf is not host:
+                if i > 0:
                     np.copyto(buf, host)
                 bufs.append(buf)
                 devices.append(device)
