@@ -238,7 +238,7 @@ class ArrayReader:
             _preadv_full(fd, [_bytes_of(out)], extent.offset + where[0])
         return where is not None
 
-    def read(self, box: Slices, out: np.ndarray) -> np.ndarray:
+    def read(self, box: Slices, out: np.ndarray) -> None:
         """Fill ``out`` (the shape of ``box``) with that box of the stored array."""
         arr = self.arr
         for coord in self._coords(box):
@@ -253,7 +253,6 @@ class ArrayReader:
                 whole[...] = np.asarray(arr.fill_value or 0).astype(arr.dtype)
             if whole is not dst:
                 dst[...] = whole[(*(slice(p.start - a, p.stop - a) for p, a in zip(part, lo, strict=True)), ...)]
-        return out
 
 
 # -- the whole tree ------------------------------------------------------------------------------------------
