@@ -66,8 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-
-
 def build_config(args: argparse.Namespace, data_path: str) -> Config:
     overrides = [] if args.no_default_overrides else list(DEFAULT_OVERRIDES)
     if data_path:

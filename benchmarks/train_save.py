@@ -108,8 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-
-
 def data_overrides(data_path: str) -> list[str]:
     return [f"data.path={data_path}"] if data_path else []
 
