@@ -386,6 +386,15 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
     return {param_name(k): tuple(getattr(v, "shape", ())) for k, v in flat}
 
 
+def _layout_hint(want: dict[str, tuple], have: dict[str, tuple]) -> str:
+    """A line saying which ``model.scan_layers`` matches the checkpoint, when the block layouts differ."""
+    unrolled = lambda names: any(k.startswith("blocks.0.") for k in names)  # noqa: E731
+    if unrolled(want) == unrolled(have):
+        return ""
+    layout, setting = ("one block per layer", "false") if unrolled(have) else ("stacked layers", "true")
+    return f"\n  the checkpoint stores {layout}: set model.scan_layers={setting} to load it"
+
+
 def load_params(spec: str, abstract_params: PyTree) -> PyTree:
     """Params only from checkpoint ``spec`` into the target shardings; names and shapes checked."""
     directory, step = resolve(spec)
@@ -398,7 +407,7 @@ def load_params(spec: str, abstract_params: PyTree) -> PyTree:
                  if k in have and have[k] != want[k]]
     if problems:
         raise ConfigError(f"train.init_from={spec}: params do not match the model config:\n  "
-                         + "\n  ".join(problems[:20]))
+                         + "\n  ".join(problems[:20]) + _layout_hint(want, have))
     target = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True

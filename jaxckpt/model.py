@@ -2,9 +2,13 @@
 
 Every parameter carries ``logical_axes`` metadata; ``jaxckpt.mesh.LOGICAL_RULES`` maps those
 names to mesh axes. Parameters are float32; activations use ``ModelConfig.dtype``.
+With ``ModelConfig.scan_layers`` the blocks' params are stacked on a leading "layers" axis and the blocks
+run as one ``lax.scan`` (params ``blocks.attn.wq`` of shape [layers, ...] instead of ``blocks.0.attn.wq``, ...).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +100,10 @@ class Block(nnx.Module):
         return x_btd + dropout(self.mlp(self.mlp_norm(x_btd)), self.rate, k2)
 
 
-def remat_block(mode: str):
+RunBlock = Callable[[Block, jax.Array, jax.Array | None], jax.Array]
+
+
+def remat_block(mode: str) -> RunBlock:
     """``(block, x_btd, key) -> block(x_btd, key)``, rematerialised as ``ModelConfig.remat`` says."""
     call = lambda block, x_btd, key: block(x_btd, key)  # noqa: E731
     if mode == "none":
@@ -105,11 +112,36 @@ def remat_block(mode: str):
     return nnx.remat(call, policy=policy)
 
 
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """``cfg.n_layers`` blocks as one Block whose params have a leading "layers" axis (for ``scan_blocks``)."""
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    return make(rngs)
+
+
+def scan_blocks(run_block: RunBlock, stacked: Block, x_btd: jax.Array, keys_l: jax.Array | None) -> jax.Array:
+    """Apply stacked blocks in order with one ``lax.scan``: the program holds one block, whatever the depth."""
+    graphdef, state = nnx.split(stacked)
+
+    def body(x_btd: jax.Array, layer: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
+        layer_state, key = layer
+        return run_block(nnx.merge(graphdef, layer_state), x_btd, key), None
+
+    return jax.lax.scan(body, x_btd, (state, keys_l))[0]
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        if cfg.scan_layers:
+            self.blocks = stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
@@ -119,8 +151,13 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype)
         run_block = remat_block(self.cfg.remat)
-        for i, block in enumerate(self.blocks):
-            x_btd = run_block(block, x_btd, None if key is None else jax.random.fold_in(key, i))
+        layer_key = lambda i: None if key is None else jax.random.fold_in(key, i)  # noqa: E731
+        if self.cfg.scan_layers:
+            keys_l = None if key is None else jax.vmap(layer_key)(jnp.arange(self.cfg.n_layers))
+            x_btd = scan_blocks(run_block, self.blocks, x_btd, keys_l)
+        else:
+            for i, block in enumerate(self.blocks):
+                x_btd = run_block(block, x_btd, layer_key(i))
         x_btd = self.final_norm(x_btd)
         if self.cfg.tie_embeddings:
             logits_btv = x_btd @ self.embed[...].astype(dtype).T

@@ -339,7 +339,8 @@ def test_resume_overwrite_starts_from_step_zero(
 
 @pytest.mark.parametrize(
     ("change", "expected"),
-    [("model.d_model=48", "model.d_model: 32 -> 48"), ("train.seed=7", "train.seed: 0 -> 7")],
+    [("model.d_model=48", "model.d_model: 32 -> 48"), ("train.seed=7", "train.seed: 0 -> 7"),
+     ("model.scan_layers=true", "model.scan_layers: False -> True")],  # another params layout
 )
 def test_unsafe_config_change_refuses_to_resume(
     change: str, expected: str, stopped: Stopped, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -385,6 +386,21 @@ def test_remat_is_a_safe_change_with_the_same_bits(stopped: Stopped, reference: 
         s: ref[s] for s in range(6, N + 1)}
 
 
+def test_scanned_layers_resume_bitwise(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With model.scan_layers (stacked block params, one lax.scan), stop at 5 and re-run: the same bits."""
+    scan = ("model.scan_layers=true", "model.n_layers=2")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(make_cfg(dataset, *scan), ref).step == N
+    assert train(make_cfg(dataset, *scan), run, stop_at=5).stopped_early
+    capsys.readouterr()
+    assert train(make_cfg(dataset, *scan), run).step == N
+    assert "resumed from checkpoint 5" in capsys.readouterr().err
+    assert losses(run) == losses(ref)
+    state = load_state(run, N)
+    assert state["['params']['blocks']['attn']['wq']"].shape[0] == 2  # really the stacked layout
+    assert_states_equal(state, load_state(ref, N))
+
+
 # -- train.init_from ----------------------------------------------------------------------------
 
 
@@ -427,6 +443,16 @@ def test_init_from_shape_mismatch_names_the_param(reference: Path, dataset: Path
     lines = msg.splitlines()
     assert any("embed" in ln and "(256, 32)" in ln and "(256, 48)" in ln for ln in lines), msg
     assert not any("missing" in ln or "unexpected" in ln for ln in lines), f"spurious name mismatches: {msg}"
+
+
+def test_init_from_other_block_layout_says_which_scan_layers_loads_it(reference: Path, dataset: Path) -> None:
+    """Params saved unrolled, model scanned: the error names the setting that matches the checkpoint."""
+    cfg = make_cfg(dataset, "model.scan_layers=true", f"train.init_from={reference}")
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    target = abstract_state(ModelDef.build(cfg.model), tx, make_mesh(cfg.mesh))["params"]
+    with pytest.raises(ConfigError, match="missing in checkpoint: blocks.attn.wq") as info:
+        load_params(cfg.train.init_from, target)
+    assert "the checkpoint stores one block per layer: set model.scan_layers=false" in str(info.value)
 
 
 # -- corrupt checkpoints ------------------------------------------------------------------------
