@@ -3,6 +3,10 @@
     python benchmarks/mfu.py                                   # gpt125m and gpt1b on all local devices
     python benchmarks/mfu.py --configs configs/gpt125m.py --batch 64 --steps 30
     python benchmarks/mfu.py --configs configs/tiny.py --steps 3 --peak-tflops 1   # smoke test on a CPU
+    python benchmarks/mfu.py --configs configs/gpt1b.py --compile-only --batch 1 model.seq_len=256  # any machine
+
+``--compile-only`` compiles the step against abstract state (nothing is allocated or run) and prints the
+compile time and XLA's memory plan: how depth, ``model.remat`` and ``model.scan_layers`` change them.
 
 For each config this builds exactly the step the trainer runs (``jaxckpt.step.jit_train_step``: forward,
 backward, AdamW update, donation of the old state) on a mesh of every local device, FSDP over all of them
@@ -17,7 +21,8 @@ data pipeline is not in this number (``benchmarks/step.py`` measures the trainer
 * MFU = model FLOP/s ÷ the chip's dense bf16 peak from its datasheet (``PEAK_TFLOPS``; ``--peak-tflops``
   overrides it), and the same against a bf16 matmul measured in this run (the chip's practical ceiling).
 * XLA's own FLOP count of the compiled step (``cost_analysis``): on the CPU it matches the model count to a
-  few % (tests/test_bench_cli.py checks it); on a GPU it misses the cuBLAS/cuDNN calls (0.16-0.24 on an H200).
+  few % (tests/test_bench_cli.py checks it); on a GPU it misses the cuBLAS/cuDNN calls (0.16-0.24 on an H200);
+  under ``model.scan_layers`` it counts the scanned block once, not once per layer.
 * XLA's memory plan of the step (arguments + temporaries + outputs - aliased), per device.
 """
 
@@ -38,7 +43,7 @@ from jaxckpt.config import Config, ModelConfig, load_config
 from jaxckpt.mesh import batch_sharding, make_mesh
 from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
-from jaxckpt.state import ModelDef, create_state, state_shardings
+from jaxckpt.state import ModelDef, abstract_state, create_state, state_shardings
 from jaxckpt.step import jit_train_step
 
 # Dense bf16 TFLOP/s per chip, from vendors' datasheets; matched as substrings of device_kind, first match wins.
@@ -49,8 +54,8 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 DEFAULT_CONFIGS = ("configs/gpt125m.py", "configs/gpt1b.py")
 # Per-chip batch (sequences) for one chip of ~80 GB, scaled by the local device count. gpt125m runs without
-# rematerialisation (its plan: 47 GiB on an H200); gpt1b with its config's model.remat="block" (9 GiB of
-# temporaries at 8 sequences in XLA's CPU plan; without remat, 130 GiB, and the H200 did not finish compiling).
+# rematerialisation (its plan: 47 GiB on an H200); gpt1b with its config's model.remat="block" and
+# model.scan_layers=True (its plan: 30 GiB on an H200 at 16 sequences).
 DEFAULT_BATCH = {"gpt125m": 32, "gpt1b": 16}
 
 
@@ -63,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the chip's peak dense bf16 TFLOP/s (default: by device kind)")
     p.add_argument("--matmul", type=int, help="side of the bf16 matmul probe (default 8192; 1024 on CPU)")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
+    p.add_argument("--compile-only", action="store_true", help="only compile (abstract state): time and memory plan")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides for every config")
     return p.parse_args(argv)
 
@@ -113,13 +119,31 @@ def xla_numbers(compiled: Any) -> tuple[float | None, float | None]:
     return flops, mem
 
 
-def measure(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
-    """Compile the train step for ``cfg`` and time it on synthetic on-device tokens."""
+def build_step(cfg: Config) -> tuple[Any, Any, Any, Any]:
+    """(mesh, model definition, optimizer, jitted train step) exactly as the trainer builds them."""
     mesh = make_mesh(cfg.mesh)
     mdef = ModelDef.build(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     shardings = state_shardings(mdef, tx, mesh)
-    step_fn = jit_train_step(mdef, tx, make_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+    return mesh, mdef, tx, jit_train_step(mdef, tx, make_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+
+
+def compile_only(cfg: Config) -> dict[str, Any]:
+    """Compile the train step against abstract state and batch: compile seconds and XLA's per-device plan."""
+    mesh, mdef, tx, step_fn = build_step(cfg)
+    batch = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32,
+                                 sharding=batch_sharding(mesh))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(abstract_state(mdef, tx, mesh), batch).compile()
+    compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    return {"compile_s": compile_s, "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+            "plan_bytes": xla_numbers(compiled)[1]}
+
+
+def measure(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
+    """Compile the train step for ``cfg`` and time it on synthetic on-device tokens."""
+    mesh, mdef, tx, step_fn = build_step(cfg)
     state = create_state(mdef, tx, mesh, cfg.train.seed)
     shape = (cfg.data.batch_size, cfg.model.seq_len + 1)
     make_tokens = jax.jit(lambda k: jax.random.randint(k, shape, 0, cfg.model.vocab_size, jnp.int32),
@@ -164,8 +188,28 @@ HEADER = ("| config | params | remat | batch x seq | step ms | tokens/s | model 
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def main_compile_only(args: argparse.Namespace) -> int:
+    """``--compile-only``: one row per config of compile time and XLA's memory plan; runs nothing."""
+    dev, raw = jax.devices()[0], {}
+    print(f"{jax.device_count()} x {dev.device_kind} ({dev.platform}); jax {jax.__version__}\n"
+          "| config | layers | remat | scan | batch x seq | compile s | XLA plan GiB | arguments GiB | temps GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for path in args.configs:
+        cfg = build_config(path, args)
+        raw[path] = r = compile_only(cfg)
+        m = cfg.model
+        print(f"| {Path(path).stem} | {m.n_layers} | {m.remat} | {m.scan_layers} | {cfg.data.batch_size}x{m.seq_len} "
+              f"| {r['compile_s']:.1f} | {r['plan_bytes'] / 2**30:.1f} | {r['argument_bytes'] / 2**30:.1f} "
+              f"| {r['temp_bytes'] / 2**30:.1f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev.device_kind, "results": raw}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compile_only:
+        return main_compile_only(args)
     dev = jax.devices()[0]
     if dev.platform == "cpu" and args.configs == list(DEFAULT_CONFIGS) and not args.peak_tflops:
         print("no accelerator: MFU not measured (the default configs would take hours per step on a CPU; "
