@@ -86,3 +86,16 @@ def test_mfu_model_flops_agree_with_xla_on_cpu(tmp_path: Path) -> None:
     assert r["tokens_per_step"] == 8 * r["n_devices"] * 64  # DEFAULT_BATCH's 8 sequences per device x seq_len
     assert 1.0 <= r["xla_flops_per_device"] * r["n_devices"] / r["model_flops_per_step"] < 1.15
     assert r["step_s"] > 0 and r["loss"] > 0
+
+
+def test_mfu_compile_only_reports_the_plan_without_running(tmp_path: Path) -> None:
+    """--compile-only compiles against abstract state: a row with the settings, compile time and XLA's plan."""
+    out = tmp_path / "compile.json"
+    p = subprocess.run([sys.executable, "benchmarks/mfu.py", "--configs", "configs/tiny.py", "--compile-only",
+                        "--json", str(out), "model.scan_layers=true", "model.remat=block"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| tiny | 2 | block | True |" in p.stdout and "MFU" not in p.stdout
+    r = json.loads(out.read_text())["results"]["configs/tiny.py"]
+    assert r["compile_s"] > 0 and r["argument_bytes"] > 0 and r["temp_bytes"] > 0
+    assert r["plan_bytes"] >= r["temp_bytes"]
