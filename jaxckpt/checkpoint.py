@@ -362,7 +362,7 @@ def list_steps(directory: Path) -> list[int]:
 def resolve(spec: str) -> tuple[Path, int]:
     """``PATH[:STEP]`` (a workdir, its ``checkpoints`` dir or a step dir) -> (checkpoints dir, step)."""
     path_s, _, step_s = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-    path = Path(path_s)
+    path = Path(path_s).absolute()  # Orbax refuses relative paths
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     elif path.name.isdigit() and (path / "state").is_dir():

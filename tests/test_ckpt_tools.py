@@ -212,3 +212,28 @@ def test_export_rejects_unknown_suffix(workdir: Path, tmp_path: Path, capsys: py
     rc, _, err = run_cli(["ckpt", "export", str(workdir), "--step", "8", "--out", str(tmp_path / "p.pt")], capsys)
     assert rc == 2
     assert ".safetensors" in err and ".npz" in err
+
+
+# -- relative paths and sampling ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["ckpt", "inspect", "run"], ["ckpt", "export", "run", "--out", "rel.npz"],
+                                  ["sample", "run", "--prompt", "the", "--tokens", "4"]])
+def test_commands_take_a_relative_workdir(args: list[str], workdir: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orbax refuses relative checkpoint paths; the CLI resolves them first (this was a crash)."""
+    monkeypatch.chdir(workdir.parent)
+    rc, out, err = run_cli(args, capsys)
+    assert rc == 0, err
+    assert "Traceback" not in err and out.strip()
+
+
+def test_sample_is_seeded_and_greedy_ignores_the_seed(workdir: Path) -> None:
+    """Same seed, same text; temperature 0 is argmax, so the seed does not matter; seeds differ otherwise."""
+    from jaxckpt.sample import sample
+
+    spec = f"{workdir}:{N}"
+    a, b, c = (sample(spec, "the ", 12, 1.0, seed) for seed in (0, 0, 1))
+    assert a.startswith("the ") and len(a) > len("the ")
+    assert a == b and a != c
+    assert sample(spec, "the ", 12, 0.0, 0) == sample(spec, "the ", 12, 0.0, 5)
