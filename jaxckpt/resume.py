@@ -81,8 +81,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: Config) -> tuple[list[str], list[str]]:
-    """(safe, unsafe) differences between a checkpoint's config and the current one."""
-    old, new = _flatten(saved), _flatten(current.to_dict())
+    """(safe, unsafe) differences between a checkpoint's config and the current one.
+
+    The saved config is read back through ``Config.from_dict``: a key added after the checkpoint was written
+    takes its default, which is what that run did (a new key's default keeps the old behaviour).
+    """
+    old, new = _flatten(Config.from_dict(saved).to_dict()), _flatten(current.to_dict())
     safe, unsafe = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
