@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from jaxckpt import distributed, fastread, integrity
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.errors import CheckpointSaveError, ConfigError
+from jaxckpt.layout import convert, is_stacked, other_layout
 from jaxckpt.metrics import log
 from jaxckpt.policies import Clock, retention, save_schedule
 
@@ -386,31 +387,24 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
     return {param_name(k): tuple(getattr(v, "shape", ())) for k, v in flat}
 
 
-def _layout_hint(want: dict[str, tuple], have: dict[str, tuple]) -> str:
-    """A line saying which ``model.scan_layers`` matches the checkpoint, when the block layouts differ."""
-    unrolled = lambda names: any(k.startswith("blocks.0.") for k in names)  # noqa: E731
-    if unrolled(want) == unrolled(have):
-        return ""
-    layout, setting = ("one block per layer", "false") if unrolled(have) else ("stacked layers", "true")
-    return f"\n  the checkpoint stores {layout}: set model.scan_layers={setting} to load it"
-
-
 def load_params(spec: str, abstract_params: PyTree) -> PyTree:
     """Params only from checkpoint ``spec`` into the target shardings; names and shapes checked."""
     directory, step = resolve(spec)
     item_dir = directory / str(step) / "state"
     saved = state_handler().metadata(item_dir).tree["params"]
-    want, have = _shapes(abstract_params), _shapes(saved)
+    # The checkpoint's block layout (model.scan_layers) may differ from the model's: read it as saved, convert.
+    source = abstract_params if is_stacked(saved) == is_stacked(abstract_params) else other_layout(abstract_params)
+    want, have = _shapes(source), _shapes(saved)
     problems = [f"missing in checkpoint: {k}" for k in want if k not in have]
     problems += [f"unexpected in checkpoint: {k}" for k in have if k not in want]
     problems += [f"shape of {k}: checkpoint {have[k]} vs model {want[k]}" for k in want
                  if k in have and have[k] != want[k]]
     if problems:
         raise ConfigError(f"train.init_from={spec}: params do not match the model config:\n  "
-                         + "\n  ".join(problems[:20]) + _layout_hint(want, have))
-    target = {"params": abstract_params}
+                         + "\n  ".join(problems[:20]))
+    target = {"params": source}
     args = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
     )
     with ocp.Checkpointer(state_handler()) as ckptr:
-        return ckptr.restore(item_dir, args=args)["params"]
+        return convert(ckptr.restore(item_dir, args=args)["params"], abstract_params)

@@ -35,6 +35,7 @@ from jaxckpt.config import Config, ConfigError, load_config
 from jaxckpt.mesh import make_mesh
 from jaxckpt.metrics import read_metrics
 from jaxckpt.optim import make_optimizer
+from jaxckpt.resume import config_changes
 from jaxckpt.state import ModelDef, abstract_state, init_params
 from jaxckpt.trainer import train
 
@@ -357,6 +358,17 @@ def test_unsafe_config_change_refuses_to_resume(
     assert snapshot(workdir) == before
 
 
+def test_checkpoints_from_before_a_config_key_existed_still_resume(dataset: Path) -> None:
+    """A saved config without a key added later (model.scan_layers, model.remat) means that key's default."""
+    cfg = make_cfg(dataset)
+    saved = cfg.to_dict()
+    for key in ("scan_layers", "remat"):
+        del saved["model"][key]
+    assert config_changes(saved, cfg) == ([], [])
+    assert config_changes(saved, make_cfg(dataset, "model.scan_layers=true"))[1] == [
+        "model.scan_layers: False -> True"]
+
+
 def test_safe_config_change_resumes(stopped: Stopped, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """train.log_every and a larger train.steps may change: resume, say so, continue to the new end."""
     workdir = stopped.copy(5, tmp_path / "run")
@@ -386,19 +398,29 @@ def test_remat_is_a_safe_change_with_the_same_bits(stopped: Stopped, reference: 
         s: ref[s] for s in range(6, N + 1)}
 
 
-def test_scanned_layers_resume_bitwise(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+SCAN = ("model.scan_layers=true", "model.n_layers=2")
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """One uninterrupted run of N steps with model.scan_layers (2 stacked blocks)."""
+    workdir = tmp_path_factory.mktemp("scanned") / "run"
+    assert train(make_cfg(dataset, *SCAN), workdir).step == N
+    return workdir
+
+
+def test_scanned_layers_resume_bitwise(scanned: Path, dataset: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     """With model.scan_layers (stacked block params, one lax.scan), stop at 5 and re-run: the same bits."""
-    scan = ("model.scan_layers=true", "model.n_layers=2")
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    assert train(make_cfg(dataset, *scan), ref).step == N
-    assert train(make_cfg(dataset, *scan), run, stop_at=5).stopped_early
+    run = tmp_path / "run"
+    assert train(make_cfg(dataset, *SCAN), run, stop_at=5).stopped_early
     capsys.readouterr()
-    assert train(make_cfg(dataset, *scan), run).step == N
+    assert train(make_cfg(dataset, *SCAN), run).step == N
     assert "resumed from checkpoint 5" in capsys.readouterr().err
-    assert losses(run) == losses(ref)
+    assert losses(run) == losses(scanned)
     state = load_state(run, N)
     assert state["['params']['blocks']['attn']['wq']"].shape[0] == 2  # really the stacked layout
-    assert_states_equal(state, load_state(ref, N))
+    assert_states_equal(state, load_state(scanned, N))
 
 
 # -- train.init_from ----------------------------------------------------------------------------
@@ -445,14 +467,24 @@ def test_init_from_shape_mismatch_names_the_param(reference: Path, dataset: Path
     assert not any("missing" in ln or "unexpected" in ln for ln in lines), f"spurious name mismatches: {msg}"
 
 
-def test_init_from_other_block_layout_says_which_scan_layers_loads_it(reference: Path, dataset: Path) -> None:
-    """Params saved unrolled, model scanned: the error names the setting that matches the checkpoint."""
-    cfg = make_cfg(dataset, "model.scan_layers=true", f"train.init_from={reference}")
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    target = abstract_state(ModelDef.build(cfg.model), tx, make_mesh(cfg.mesh))["params"]
-    with pytest.raises(ConfigError, match="missing in checkpoint: blocks.attn.wq") as info:
-        load_params(cfg.train.init_from, target)
-    assert "the checkpoint stores one block per layer: set model.scan_layers=false" in str(info.value)
+@pytest.mark.parametrize("into_scanned", [True, False])
+def test_init_from_converts_between_block_layouts(into_scanned: bool, reference: Path, scanned: Path,
+                                                  dataset: Path, tmp_path: Path) -> None:
+    """Unrolled params into a scanned model and back: every block param lands in its layer, bit for bit."""
+    src_dir, extra = (reference, SCAN[:1]) if into_scanned else (scanned, ("model.n_layers=2",))
+    workdir = tmp_path / "finetune"
+    assert train(make_cfg(dataset, *extra, f"train.init_from={src_dir}"), workdir, stop_at=0).step == 0
+    src, dst = load_state(src_dir, N), load_state(workdir, 0)
+    stacked, unrolled = (dst, src) if into_scanned else (src, dst)
+    n_layers = 1 if into_scanned else 2
+    block_keys = [k for k in stacked if k.startswith("['params']['blocks']")]
+    assert len(block_keys) == 9
+    for key in block_keys:
+        layers = [unrolled[key.replace("['blocks']", f"['blocks']['{i}']")] for i in range(n_layers)]
+        assert stacked[key].shape[0] == n_layers
+        assert all(np.array_equal(stacked[key][i], layer) for i, layer in enumerate(layers)), key
+    others = [k for k in src if k.startswith("['params']") and "['blocks']" not in k]
+    assert others and all(np.array_equal(src[k], dst[k]) for k in others)
 
 
 # -- corrupt checkpoints ------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""The two layouts of the transformer blocks' params, and conversion between them (``model.scan_layers``).
+
+Unrolled: ``params["blocks"] = {0: {"attn": {"wq": [d, n, h]}, ...}, 1: ...}``.
+Stacked (scanned): ``params["blocks"] = {"attn": {"wq": [layers, d, n, h]}, ...}``, the layers axis replicated.
+Converting is exact (stacking and slicing move bytes), so params trained in one layout load into the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+
+
+def is_stacked(params: PyTree) -> bool:
+    """Whether ``params["blocks"]`` holds stacked layers (str keys) rather than one subtree per layer (0, 1, ...)."""
+    return not any(isinstance(k, int) or str(k).isdigit() for k in params["blocks"])
+
+
+def _spec(sharding: NamedSharding, ndim: int) -> tuple:
+    return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+
+
+def _layer_struct(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """One layer of a stacked leaf: the leading axis dropped, from its shape and its sharding."""
+    sharding = NamedSharding(x.sharding.mesh, P(*_spec(x.sharding, x.ndim)[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def _stacked_struct(layers: list[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    x = layers[0]
+    sharding = NamedSharding(x.sharding.mesh, P(None, *_spec(x.sharding, x.ndim)))
+    return jax.ShapeDtypeStruct((len(layers), *x.shape), x.dtype, sharding=sharding)
+
+
+def other_layout(abstract: PyTree) -> PyTree:
+    """Abstract params (ShapeDtypeStructs with shardings) of the same model in the other block layout."""
+    blocks = abstract["blocks"]
+    if is_stacked(abstract):
+        n_layers = jax.tree.leaves(blocks)[0].shape[0]
+        converted = {i: jax.tree.map(_layer_struct, blocks) for i in range(n_layers)}
+    else:
+        converted = jax.tree.map(lambda *xs: _stacked_struct(list(xs)), *(blocks[i] for i in sorted(blocks)))
+    return {**abstract, "blocks": converted}
+
+
+def convert(params: PyTree, target: PyTree) -> PyTree:
+    """``params`` in the layout of ``target`` (abstract, with shardings): stacked <-> unrolled, bit for bit."""
+    if is_stacked(params) == is_stacked(target):
+        return params
+    shardings = jax.tree.map(lambda x: x.sharding, target["blocks"])
+    if is_stacked(target):
+        def move(blocks: PyTree) -> PyTree:
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in sorted(blocks)))
+    else:
+        def move(blocks: PyTree) -> PyTree:
+            return {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in sorted(target["blocks"])}
+    return {**params, "blocks": jax.jit(move, out_shardings=shardings)(params["blocks"])}
