@@ -42,7 +42,7 @@ class ModelConfig:
     remat: Literal["none", "block", "dots"] = "none"
     # One lax.scan over blocks stacked on a leading "layers" axis instead of n_layers copies of the block in
     # the program: compile time stops growing with depth (an H200 did not compile 18 unrolled gpt1b blocks in
-    # 4.5 min). Changes the params' layout, so a checkpoint only resumes with the setting it was saved with.
+    # 4.5 min). Changes the params' layout; resume and train.init_from convert between layouts (jaxckpt.layout).
     scan_layers: bool = False
 
     def validate(self) -> None:

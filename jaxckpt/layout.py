@@ -2,7 +2,8 @@
 
 Unrolled: ``params["blocks"] = {0: {"attn": {"wq": [d, n, h]}, ...}, 1: ...}``.
 Stacked (scanned): ``params["blocks"] = {"attn": {"wq": [layers, d, n, h]}, ...}``, the layers axis replicated.
-Converting is exact (stacking and slicing move bytes), so params trained in one layout load into the other.
+Converting is exact (stacking and slicing move bytes), so params trained in one layout load into the other,
+and a whole train state (Adam's moments are params-shaped too) resumes in the other layout.
 """
 
 from __future__ import annotations
@@ -61,3 +62,19 @@ def convert(params: PyTree, target: PyTree) -> PyTree:
         def move(blocks: PyTree) -> PyTree:
             return {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in sorted(target["blocks"])}
     return {**params, "blocks": jax.jit(move, out_shardings=shardings)(params["blocks"])}
+
+
+def _params_like(keys: set) -> Any:
+    return lambda x: isinstance(x, dict) and "blocks" in x and set(x) == keys
+
+
+def other_layout_state(abstract_state: PyTree) -> PyTree:
+    """An abstract train state with every params-shaped subtree (params, Adam's mu and nu) in the other layout."""
+    is_params = _params_like(set(abstract_state["params"]))
+    return jax.tree.map(lambda x: other_layout(x) if is_params(x) else x, abstract_state, is_leaf=is_params)
+
+
+def convert_state(state: PyTree, target: PyTree) -> PyTree:
+    """``state`` with every params-shaped subtree in the layout (and shardings) of abstract ``target``."""
+    is_params = _params_like(set(state["params"]))
+    return jax.tree.map(lambda x, t: convert(x, t) if is_params(x) else x, state, target, is_leaf=is_params)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from jaxckpt import checkpoint as ckpt_lib
-from jaxckpt import distributed, integrity
+from jaxckpt import distributed, integrity, layout
 from jaxckpt.config import Config
 from jaxckpt.errors import ResumeError
 from jaxckpt.metrics import log
@@ -28,7 +28,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tens
 # Config sections/keys that must not change across a resume (they change what the bits mean).
 UNSAFE_KEYS = ("model.", "optim.", "data.path", "data.shuffle_seed", "data.batch_size",
                "data.default_corpus_mb", "train.seed")
-SAFE_MODEL_KEYS = ("model.remat",)  # how the step is computed, not what it computes: the state is the same
+# How the step is computed, not what it computes: the state is the same (scan_layers: in another layout,
+# converted exactly on restore by jaxckpt.layout).
+SAFE_MODEL_KEYS = ("model.remat", "model.scan_layers")
 
 
 @dataclass
@@ -150,8 +152,11 @@ def _restore_step(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> Start:
     same_topology = (pos["process_count"], pos["worker_count"]) == (jax.process_count(), run.cfg.data.worker_count)
     offset = pos["offset"] if same_topology else step
     iterator = run.data.train_iterator(offset)
+    abstract = run.abstract_state()
+    saved_stacked = Config.from_dict(meta["config"]).model.scan_layers
+    source = abstract if saved_stacked == run.cfg.model.scan_layers else layout.other_layout_state(abstract)
     try:
-        state = ckpt.restore(step, run.abstract_state(), iterator if same_topology else None)
+        state = layout.convert_state(ckpt.restore(step, source, iterator if same_topology else None), abstract)
     except BaseException:
         getattr(iterator, "close", lambda: None)()
         raise

@@ -340,8 +340,7 @@ def test_resume_overwrite_starts_from_step_zero(
 
 @pytest.mark.parametrize(
     ("change", "expected"),
-    [("model.d_model=48", "model.d_model: 32 -> 48"), ("train.seed=7", "train.seed: 0 -> 7"),
-     ("model.scan_layers=true", "model.scan_layers: False -> True")],  # another params layout
+    [("model.d_model=48", "model.d_model: 32 -> 48"), ("train.seed=7", "train.seed: 0 -> 7")],
 )
 def test_unsafe_config_change_refuses_to_resume(
     change: str, expected: str, stopped: Stopped, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -365,8 +364,7 @@ def test_checkpoints_from_before_a_config_key_existed_still_resume(dataset: Path
     for key in ("scan_layers", "remat"):
         del saved["model"][key]
     assert config_changes(saved, cfg) == ([], [])
-    assert config_changes(saved, make_cfg(dataset, "model.scan_layers=true"))[1] == [
-        "model.scan_layers: False -> True"]
+    assert config_changes(saved, make_cfg(dataset, "model.d_ff=64"))[1] == ["model.d_ff: 192 -> 64"]
 
 
 def test_safe_config_change_resumes(stopped: Stopped, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -421,6 +419,24 @@ def test_scanned_layers_resume_bitwise(scanned: Path, dataset: Path, tmp_path: P
     state = load_state(run, N)
     assert state["['params']['blocks']['attn']['wq']"].shape[0] == 2  # really the stacked layout
     assert_states_equal(state, load_state(scanned, N))
+
+
+def test_resume_converts_the_state_to_the_other_block_layout(stopped: Stopped, reference: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped unrolled, resumed with model.scan_layers: params and Adam moments are restacked (exactly:
+    tests/test_scan_layers.py), then training goes on in the stacked layout, matching the unrolled reference
+    up to float rounding (scanned and unrolled blocks order their sums differently)."""
+    workdir = stopped.copy(5, tmp_path / "run")
+    capsys.readouterr()
+    result = train(make_cfg(stopped.ds, "model.scan_layers=true"), workdir)
+    err = capsys.readouterr().err
+    assert "resumed from checkpoint 5" in err and "model.scan_layers: False -> True" in err
+    assert result.step == N
+    got, ref = losses(workdir), losses(reference)
+    np.testing.assert_allclose([got[s] for s in range(6, N + 1)], [ref[s] for s in range(6, N + 1)], rtol=1e-5)
+    final = load_state(workdir, N)
+    mu = [k for k in final if "['mu']['blocks']['attn']['wq']" in k]
+    assert final["['params']['blocks']['attn']['wq']"].shape[0] == 1 and mu and final[mu[0]].shape[0] == 1
 
 
 # -- train.init_from ----------------------------------------------------------------------------

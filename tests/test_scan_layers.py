@@ -85,3 +85,26 @@ def test_stacked_params_shard_like_unrolled_ones_with_layers_replicated() -> Non
             per_layer = per_layer[key.key]
         assert s.spec == P(None, *per_layer.spec), jax.tree_util.keystr(path)
     assert sh_s["embed"].spec == sh_u["embed"].spec
+
+
+def test_train_state_converts_between_layouts_bit_for_bit() -> None:
+    """Params and Adam's moments restacked and split back: every array equal, shardings as the model wants."""
+    from jaxckpt.layout import convert_state, other_layout_state
+    from jaxckpt.state import abstract_state, create_state
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    tx = make_optimizer(load_config(None, []).optim, 10)
+    unrolled, scanned = ModelDef.build(model_cfg()), ModelDef.build(model_cfg("model.scan_layers=true"))
+    state = create_state(unrolled, tx, mesh, 0)
+    state = {**state, "opt_state": jax.tree.map(lambda x: x + 1 if x.ndim else x, state["opt_state"])}  # mu != 0
+    target_s, target_u = abstract_state(scanned, tx, mesh), abstract_state(unrolled, tx, mesh)
+    assert jax.tree.structure(other_layout_state(target_u)) == jax.tree.structure(target_s)
+    stacked = convert_state(state, target_s)
+    for x, t in zip(jax.tree.leaves(stacked), jax.tree.leaves(target_s), strict=True):
+        assert x.shape == t.shape and x.sharding.is_equivalent_to(t.sharding, x.ndim)
+    mu_s, mu_u = stacked["opt_state"][1][0].mu, state["opt_state"][1][0].mu
+    np.testing.assert_array_equal(mu_s["blocks"]["mlp"]["w_up"][2], mu_u["blocks"][2]["mlp"]["w_up"])
+    back = convert_state(stacked, target_u)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
