@@ -23,6 +23,11 @@ def is_stacked(params: PyTree) -> bool:
     return not any(isinstance(k, int) or str(k).isdigit() for k in params["blocks"])
 
 
+def _in_order(blocks: dict) -> list[PyTree]:
+    """Per-layer subtrees by layer number (keys may be ints or, as Orbax names them, strings: '10' after '9')."""
+    return [blocks[k] for k in sorted(blocks, key=int)]
+
+
 def _spec(sharding: NamedSharding, ndim: int) -> tuple:
     return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
 
@@ -46,7 +51,7 @@ def other_layout(abstract: PyTree) -> PyTree:
         n_layers = jax.tree.leaves(blocks)[0].shape[0]
         converted = {i: jax.tree.map(_layer_struct, blocks) for i in range(n_layers)}
     else:
-        converted = jax.tree.map(lambda *xs: _stacked_struct(list(xs)), *(blocks[i] for i in sorted(blocks)))
+        converted = jax.tree.map(lambda *xs: _stacked_struct(list(xs)), *_in_order(blocks))
     return {**abstract, "blocks": converted}
 
 
@@ -57,10 +62,10 @@ def convert(params: PyTree, target: PyTree) -> PyTree:
     shardings = jax.tree.map(lambda x: x.sharding, target["blocks"])
     if is_stacked(target):
         def move(blocks: PyTree) -> PyTree:
-            return jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in sorted(blocks)))
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *_in_order(blocks))
     else:
         def move(blocks: PyTree) -> PyTree:
-            return {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in sorted(target["blocks"])}
+            return {k: jax.tree.map(lambda x, i=int(k): x[i], blocks) for k in target["blocks"]}
     return {**params, "blocks": jax.jit(move, out_shardings=shardings)(params["blocks"])}
 
 

@@ -108,3 +108,18 @@ def test_train_state_converts_between_layouts_bit_for_bit() -> None:
     assert jax.tree.structure(back) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_layers_keep_their_order_past_nine() -> None:
+    """Unrolled keys may be strings (as Orbax names them): layer 10 goes after 9, not after 1."""
+    from jaxckpt.layout import convert, other_layout
+
+    one = jax.sharding.NamedSharding(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1]), P())
+    unrolled = {"blocks": {str(i): {"w": jnp.full((2,), i, jnp.float32)} for i in range(12)}}
+    target_u = {"blocks": {str(i): {"w": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=one)} for i in range(12)}}
+    target_s = other_layout(target_u)
+    assert target_s["blocks"]["w"].shape == (12, 2)
+    stacked = convert(unrolled, target_s)
+    np.testing.assert_array_equal(stacked["blocks"]["w"][:, 0], np.arange(12))
+    back = convert(stacked, target_u)
+    assert all(float(back["blocks"][str(i)]["w"][0]) == i for i in range(12))
