@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -69,16 +70,17 @@ def inspect(path: Path, step: int | None) -> str:
 
 
 def _host_params(directory: Path, step: int) -> dict[str, np.ndarray]:
-    """Params of a checkpoint as host numpy arrays keyed by dotted names."""
+    """Params of a checkpoint as host numpy arrays keyed by dotted names, one set per layer
+    (``blocks.0.attn.wq``, ...) whichever ``model.scan_layers`` layout the run trained with."""
     from jaxckpt.checkpoint import load_params
     from jaxckpt.state import init_params
 
     meta = read_meta(directory, step)
-    cfg = Config.from_dict(meta["config"])
+    model = dataclasses.replace(Config.from_dict(meta["config"]).model, scan_layers=False)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-        jax.eval_shape(lambda: init_params(cfg.model, 0)),
+        jax.eval_shape(lambda: init_params(model, 0)),
     )
     params = load_params(f"{directory}:{step}", abstract)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

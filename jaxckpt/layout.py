@@ -28,19 +28,23 @@ def _in_order(blocks: dict) -> list[PyTree]:
     return [blocks[k] for k in sorted(blocks, key=int)]
 
 
-def _spec(sharding: NamedSharding, ndim: int) -> tuple:
-    return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+def _with_spec(sharding: jax.sharding.Sharding, ndim: int, edit: Any) -> jax.sharding.Sharding:
+    """``sharding`` with its partition spec (padded to ``ndim``) edited; other shardings (one device) as is."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*edit(spec)))
 
 
 def _layer_struct(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     """One layer of a stacked leaf: the leading axis dropped, from its shape and its sharding."""
-    sharding = NamedSharding(x.sharding.mesh, P(*_spec(x.sharding, x.ndim)[1:]))
-    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_with_spec(x.sharding, x.ndim, lambda s: s[1:]))
 
 
 def _stacked_struct(layers: list[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    """The leaves of every layer as one, with a leading replicated layers axis."""
     x = layers[0]
-    sharding = NamedSharding(x.sharding.mesh, P(None, *_spec(x.sharding, x.ndim)))
+    sharding = _with_spec(x.sharding, x.ndim, lambda s: (None, *s))
     return jax.ShapeDtypeStruct((len(layers), *x.shape), x.dtype, sharding=sharding)
 
 

@@ -439,6 +439,19 @@ def test_resume_converts_the_state_to_the_other_block_layout(stopped: Stopped, r
     assert final["['params']['blocks']['attn']['wq']"].shape[0] == 1 and mu and final[mu[0]].shape[0] == 1
 
 
+def test_export_of_a_scanned_run_names_each_layer(scanned: Path, tmp_path: Path) -> None:
+    """Exports are layout-independent: blocks.0.*, blocks.1.*, each equal to its slice of the stacked array."""
+    from jaxckpt.ckpt_tools import export
+
+    export(scanned, N, tmp_path / "p.npz")
+    exported, state = dict(np.load(tmp_path / "p.npz")), load_state(scanned, N)
+    stacked = state["['params']['blocks']['mlp']['w_up']"]
+    assert stacked.shape[0] == 2 and "blocks.mlp.w_up" not in exported
+    for i in range(2):
+        np.testing.assert_array_equal(exported[f"blocks.{i}.mlp.w_up"], stacked[i])
+    assert len([k for k in exported if k.startswith("blocks.")]) == 2 * 9
+
+
 # -- train.init_from ----------------------------------------------------------------------------
 
 
