@@ -381,16 +381,23 @@ def test_safe_config_change_resumes(stopped: Stopped, tmp_path: Path, capsys: py
     assert steps_on_disk(workdir)[-1] == 14
 
 
+def resume_changed(stopped: Stopped, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str,
+                   logged: str) -> Path:
+    """Resume the run stopped at 5 with one safe ``change`` to the end; the change is logged. The workdir."""
+    workdir = stopped.copy(5, tmp_path / "run")
+    capsys.readouterr()
+    result = train(make_cfg(stopped.ds, change), workdir)
+    err = capsys.readouterr().err
+    assert "resumed from checkpoint 5" in err and logged in err
+    assert result.step == N
+    return workdir
+
+
 def test_remat_is_a_safe_change_with_the_same_bits(stopped: Stopped, reference: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """model.remat changes what the backward pass keeps, not the state: resuming with it is allowed, and in
     float32 rematerialising whole blocks recomputes the very same values, so the losses match bit for bit."""
-    workdir = stopped.copy(5, tmp_path / "run")
-    capsys.readouterr()
-    result = train(make_cfg(stopped.ds, "model.remat=block"), workdir)
-    err = capsys.readouterr().err
-    assert "resumed from checkpoint 5" in err and "model.remat: 'none' -> 'block'" in err
-    assert result.step == N
+    workdir = resume_changed(stopped, tmp_path, capsys, "model.remat=block", "model.remat: 'none' -> 'block'")
     ref = losses(reference)
     assert {r["step"]: r["loss"] for r in read_metrics(workdir) if r["step"] > 5} == {
         s: ref[s] for s in range(6, N + 1)}
@@ -426,12 +433,7 @@ def test_resume_converts_the_state_to_the_other_block_layout(stopped: Stopped, r
     """Stopped unrolled, resumed with model.scan_layers: params and Adam moments are restacked (exactly:
     tests/test_scan_layers.py), then training goes on in the stacked layout, matching the unrolled reference
     up to float rounding (scanned and unrolled blocks order their sums differently)."""
-    workdir = stopped.copy(5, tmp_path / "run")
-    capsys.readouterr()
-    result = train(make_cfg(stopped.ds, "model.scan_layers=true"), workdir)
-    err = capsys.readouterr().err
-    assert "resumed from checkpoint 5" in err and "model.scan_layers: False -> True" in err
-    assert result.step == N
+    workdir = resume_changed(stopped, tmp_path, capsys, "model.scan_layers=true", "model.scan_layers: False -> True")
     got, ref = losses(workdir), losses(reference)
     np.testing.assert_allclose([got[s] for s in range(6, N + 1)], [ref[s] for s in range(6, N + 1)], rtol=1e-5)
     final = load_state(workdir, N)
