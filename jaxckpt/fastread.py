@@ -298,8 +298,9 @@ def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]],
         for devs in leaf_boxes.values():
             host = next(it)
             for i, device in enumerate(devs):  # one buffer per device: a donating step may write into it
-                buf = host if i == 0 else arena.take(host.shape, host.dtype)
+                buf = host
                 if i > 0:
+                    buf = arena.take(host.shape, host.dtype)
                     np.copyto(buf, host)
                 bufs.append(buf)
                 devices.append(device)
