@@ -112,11 +112,15 @@ def xla_numbers(compiled: Any) -> tuple[float | None, float | None]:
     except Exception:  # noqa: BLE001 - backends differ in what they report
         flops = None
     try:
-        m = compiled.memory_analysis()
-        mem = float(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+        mem = plan_bytes(compiled.memory_analysis())
     except Exception:  # noqa: BLE001
         mem = None
     return flops, mem
+
+
+def plan_bytes(m: Any) -> float:
+    """XLA's planned peak bytes per device from ``memory_analysis()``: arguments + temporaries + outputs - aliased."""
+    return float(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
 def build_step(cfg: Config) -> tuple[Any, Any, Any, Any]:
@@ -138,7 +142,7 @@ def compile_only(cfg: Config) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     return {"compile_s": compile_s, "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
-            "plan_bytes": xla_numbers(compiled)[1]}
+            "plan_bytes": plan_bytes(m)}
 
 
 def measure(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
