@@ -73,16 +73,11 @@ def _host_params(directory: Path, step: int) -> dict[str, np.ndarray]:
     """Params of a checkpoint as host numpy arrays keyed by dotted names, one set per layer
     (``blocks.0.attn.wq``, ...) whichever ``model.scan_layers`` layout the run trained with."""
     from jaxckpt.checkpoint import load_params
-    from jaxckpt.state import init_params
+    from jaxckpt.state import params_on_one_device
 
     meta = read_meta(directory, step)
     model = dataclasses.replace(Config.from_dict(meta["config"]).model, scan_layers=False)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-        jax.eval_shape(lambda: init_params(model, 0)),
-    )
-    params = load_params(f"{directory}:{step}", abstract)
+    params = load_params(f"{directory}:{step}", params_on_one_device(model))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in flat}
 

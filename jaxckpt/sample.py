@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxckpt.checkpoint import load_params, read_meta, resolve
 from jaxckpt.config import Config
-from jaxckpt.state import ModelDef, init_params
+from jaxckpt.state import ModelDef, params_on_one_device
 from jaxckpt.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -29,10 +29,7 @@ def load_model(spec: str) -> tuple[ModelDef, dict, Config, int]:
     directory, step = resolve(spec)
     cfg = Config.from_dict(read_meta(directory, step)["config"])
     mdef = ModelDef.build(cfg.model)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                            jax.eval_shape(lambda: init_params(cfg.model, 0)))
-    return mdef, load_params(f"{directory}:{step}", abstract), cfg, step
+    return mdef, load_params(f"{directory}:{step}", params_on_one_device(cfg.model)), cfg, step
 
 
 def generate(mdef: ModelDef, params: dict, prompt_ids: np.ndarray, n_new: int, temperature: float,

@@ -57,6 +57,14 @@ def init_params(cfg: ModelConfig, seed: int) -> PyTree:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def params_on_one_device(cfg: ModelConfig) -> PyTree:
+    """Abstract params (ShapeDtypeStructs) of ``cfg`` placed on the first local device: a restore target for
+    tools that read a checkpoint's params outside training (``sample``, ``ckpt export``)."""
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                        jax.eval_shape(lambda: init_params(cfg, 0)))
+
+
 def _create(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> PyTree:
     params = init_params(cfg, seed)
     return {
