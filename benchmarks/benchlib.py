@@ -8,11 +8,15 @@ neither jax nor jaxckpt. Scripts run as files (``benchmarks/`` is then ``sys.pat
 from __future__ import annotations
 
 import os
+import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 MiB = 2**20
+WARM_TRIALS = 3  # warm restores per repetition in every restore benchmark; the median one is reported
 # The text the throughput benchmarks train on: $JAXCKPT_BENCH_TEXT, else ../shared/data beside the checkout; if
 # neither exists, dataset() returns '' and the trainer prepares its default corpus instead.
 SHAKESPEARE = Path(os.environ.get("JAXCKPT_BENCH_TEXT")
@@ -38,6 +42,17 @@ def dirty_mb() -> float:
         if line.startswith("Dirty:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def median_trial(run: Callable[[], dict[str, Any]], trials: int = WARM_TRIALS) -> dict[str, Any]:
+    """``run()`` ``trials`` times in a row; the result whose ``"s"`` is the median, plus every trial's seconds.
+
+    One warm restore right after a cold one varies by up to 2x on this VM (memory freed by the previous
+    restore is handed back to the host and must be backed again), so a single sample says little.
+    """
+    results = [run() for _ in range(trials)]
+    median = statistics.median_low([r["s"] for r in results])
+    return {**next(r for r in results if r["s"] == median), "trials_s": [r["s"] for r in results]}
 
 
 def drop_caches(root: Path) -> str:

@@ -18,7 +18,8 @@ Save: *blocking* = time ``CheckpointManager.save()`` holds the caller; *durable*
 directories without fsync; the fsync pass is timed and shown on its own).
 Restore: into the target shardings (ShapeDtypeStructs with NamedShardings), in a fresh process:
 a first restore (page cache warm from the save), then *cold* (after ``echo 3 > drop_caches``, or
-``posix_fadvise(DONTNEED)`` on every checkpoint file if that is not permitted), then *warm* again.
+``posix_fadvise(DONTNEED)`` on every checkpoint file if that is not permitted), then *warm* again:
+``benchlib.WARM_TRIALS`` warm restores in a row, of which the median is reported (the report lists them all).
 
 References per repetition, after the variants: *numpy memcpy* -- ``np.copyto`` of the state's bytes into a
 fresh, never-touched buffer (page faults included: the floor for any restore from page cache), then again into
@@ -374,7 +375,7 @@ def worker_restore(args: argparse.Namespace) -> dict[str, Any]:
         first = timed_restore(mgr, variant, abstract)  # peak RSS is only clean for this first one
         method = benchlib.drop_caches(directory)
         cold = timed_restore(mgr, variant, abstract)
-        warm = timed_restore(mgr, variant, abstract)
+        warm = benchlib.median_trial(lambda: timed_restore(mgr, variant, abstract))
     out = {"restore_first": first, "restore_cold": cold, "restore_warm": warm, "evict": method,
            "restore_baseline_mb": baseline}
     if variant.manifest and integrity is not None and integrity.has_manifest(directory / "1"):
@@ -426,7 +427,8 @@ def worker_numpy(args: argparse.Namespace) -> dict[str, Any]:
     _, out["first_peak_rss_mb"] = numpy_read(path, abstract)  # page cache warm from the write
     out["evict"] = benchlib.drop_caches(directory)
     out["cold_s"], out["cold_peak_rss_mb"] = numpy_read(path, abstract)
-    out["warm_s"], out["warm_peak_rss_mb"] = numpy_read(path, abstract)
+    warm = benchlib.median_trial(lambda: dict(zip(("s", "peak_rss_mb"), numpy_read(path, abstract), strict=True)))
+    out["warm_s"], out["warm_peak_rss_mb"], out["warm_trials_s"] = warm["s"], warm["peak_rss_mb"], warm["trials_s"]
     out["disk_bytes"] = path.stat().st_size
     return out
 
@@ -759,6 +761,19 @@ def restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: 
     return lines
 
 
+def warm_trials_note(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Every warm restore behind the table's medians, per variant and repetition."""
+    labels = {"numpy": "np.load", "torch": "torch.load", "dcp": "dcp.load"}
+    parts = []
+    for name, rows in results.items():
+        trials = [r.get("warm_trials_s") or r.get("restore_warm", {}).get("trials_s") for r in rows]
+        if any(trials):
+            reps = " | ".join(" ".join(f"{t:.2f}" for t in ts) for ts in trials if ts)
+            parts.append(f"{labels.get(name, name)} {reps}")
+    return (f"warm s = the median of {benchlib.WARM_TRIALS} warm restores in a row; every one, per repetition "
+            f"(s): " + "; ".join(parts))
+
+
 def report(args: argparse.Namespace, root: Path, nbytes: int, n_leaves: int,
            results: dict[str, list[dict[str, Any]]]) -> str:
     gb, state_mb = nbytes / 1e9, nbytes / MiB
@@ -772,6 +787,7 @@ def report(args: argparse.Namespace, root: Path, nbytes: int, n_leaves: int,
         *save_rows(results, gb, state_mb),
         "",
         *restore_rows(results, gb, state_mb),
+        warm_trials_note(results),
         "",
         "variants: " + "; ".join(f"{n} = {VARIANTS[n].about}" for n in results if n in VARIANTS),
         *torch_notes(args, results, gb),

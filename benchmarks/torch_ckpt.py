@@ -17,8 +17,9 @@ the parent. dcp-save: ``torch.distributed.checkpoint.async_save(state, checkpoin
 at its default, in a single process without ``init_process_group`` (DCP then saves with ``no_dist``);
 *blocking* = until it returns its future, *durable* = until ``future.result()`` + the same fsync pass.
 restore / dcp-load: a first load (page cache warm from the save), a cold one (after ``echo 3 > drop_caches``,
-else ``posix_fadvise(DONTNEED)`` per file), a warm one. ``torch.load`` allocates its own tensors; ``dcp.load``
-loads in place, so the timed region includes allocating its (never touched) ``torch.empty`` destinations.
+else ``posix_fadvise(DONTNEED)`` per file), then ``benchlib.WARM_TRIALS`` warm ones (the median is reported).
+``torch.load`` allocates its own tensors; ``dcp.load`` loads in place, so the timed region includes allocating
+its (never touched) ``torch.empty`` destinations.
 Peak RSS = VmHWM, reset through ``/proc/self/clear_refs`` just before each timed phase.
 """
 
@@ -162,13 +163,13 @@ def timed_load(load: Callable[[], State]) -> dict[str, Any]:
 
 
 def timed_loads(directory: Path, load: Callable[[], State]) -> dict[str, Any]:
-    """First (page cache warm from the save), cold and warm loads; peak RSS is only clean for the first."""
+    """First cold and warm loads (median trial); peak RSS is clean for the first only."""
     warm_up(directory.with_name(directory.name + "-warmup"))
     baseline = benchlib.proc_status_mb("VmRSS")
     first = timed_load(load)
     method = benchlib.drop_caches(directory)
     cold = timed_load(load)
-    warm = timed_load(load)
+    warm = benchlib.median_trial(lambda: timed_load(load))
     return {"restore_first": first, "restore_cold": cold, "restore_warm": warm, "evict": method,
             "restore_baseline_mb": baseline, "torch": torch.__version__}
 
