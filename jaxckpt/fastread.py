@@ -270,12 +270,15 @@ def _stored(index: dict[str, Extent], name: str, target: Any) -> StoredArray:
     return arr
 
 
+def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Slices:
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
+
+
 def _boxes(target: Any) -> dict[Slices, list[jax.Device]]:
     """This process's devices of ``target.sharding``, grouped by the box of the array each one holds."""
     boxes: dict[Slices, list[jax.Device]] = {}
     for device, index in target.sharding.addressable_devices_indices_map(tuple(target.shape)).items():
-        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, target.shape, strict=True))
-        boxes.setdefault(box, []).append(device)
+        boxes.setdefault(_box(index, tuple(target.shape)), []).append(device)
     return boxes
 
 
@@ -289,26 +292,41 @@ def _arena_bytes(jobs: list[tuple[ArrayReader, Slices]], copies: list[int]) -> i
                for (r, box), n in zip(jobs, copies, strict=True))
 
 
+def _per_device(host: np.ndarray, devices: list[jax.Device], arena: Arena) -> list[np.ndarray]:
+    """One buffer per device holding ``host``: a donating step may write into any of them."""
+    copies = [host]
+    for _ in devices[1:]:
+        copies.append(arena.take(host.shape, host.dtype))
+        np.copyto(copies[-1], host)
+    return copies
+
+
 def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]], hosts: list[np.ndarray],
                 arena: Arena) -> list:
-    """One ``jax.device_put`` for every shard of every leaf (batched: ~0.25 ms per call saved per shard)."""
-    bufs, devices, counts, it = [], [], [], iter(hosts)
-    for leaf_boxes in boxes:
-        counts.append(sum(len(d) for d in leaf_boxes.values()))
-        for devs in leaf_boxes.values():
-            host = next(it)
-            for i, device in enumerate(devs):  # one buffer per device: a donating step may write into it
-                buf = host
-                if i > 0:
-                    buf = arena.take(host.shape, host.dtype)
-                    np.copyto(buf, host)
-                bufs.append(buf)
-                devices.append(device)
-    shards, leaves, start = jax.device_put(bufs, devices), [], 0
-    for target, n in zip(targets, counts, strict=True):
-        leaves.append(jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding,
-                                                               shards[start : start + n]))
-        start += n
+    """Every leaf as a jax.Array in its target sharding, made from the host shards without a copy.
+
+    A leaf whose boxes each sit on one device takes one ``jax.make_array_from_callback`` (one transfer call
+    per leaf; 8 fake devices, 1 GB: 0.03-0.04 s, against 0.09-0.17 s for a ``device_put`` per shard). The
+    leaves with replicated boxes need a buffer per device; theirs go in one batched ``jax.device_put``.
+    """
+    it = iter(hosts)
+    leaves: list = []
+    bufs, devices, replicated = [], [], []  # replicated: (leaf position, target, its device count)
+    for target, leaf_boxes in zip(targets, boxes, strict=True):
+        shape, by_box = tuple(target.shape), {box: next(it) for box in leaf_boxes}
+        if all(len(devs) == 1 for devs in leaf_boxes.values()):
+            leaves.append(jax.make_array_from_callback(shape, target.sharding,
+                                                       lambda index, b=by_box, n=shape: b[_box(index, n)]))
+            continue
+        replicated.append((len(leaves), target, sum(len(devs) for devs in leaf_boxes.values())))
+        leaves.append(None)
+        for box, devs in leaf_boxes.items():
+            bufs += _per_device(by_box[box], devs, arena)
+            devices += devs
+    shards = iter(jax.device_put(bufs, devices) if bufs else [])
+    for i, target, n in replicated:
+        leaves[i] = jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding,
+                                                             list(itertools.islice(shards, n)))
     return leaves
 
 
