@@ -157,3 +157,14 @@ def test_restored_shards_alias_one_host_allocation(tmp_path: Path) -> None:
     padded = sum(-(-s.nbytes // 64) * 64 for s in shards)
     assert len(set(starts)) == len(shards)  # one buffer per device, even for replicated leaves
     assert max(ends) - min(starts) <= padded
+
+
+def test_runs_cover_every_job_once_in_disk_order() -> None:
+    """The read is cut into runs (one thread-pool task each) that keep the on-disk order and cover every job:
+    a run closes once it holds total / (4 * threads) bytes (at least 1 MiB, at most 32 MiB)."""
+    outs = [np.empty(n << 20, np.uint8) for n in [3, 1, 5, 1, 1, 40, 2]]  # 53 MiB
+    order = [6, 0, 5, 1, 3, 2, 4]  # MiB in this order: 2 3 40 | 1 1 5 | 1
+    assert fastread._runs(order, outs, threads=2) == [[6, 0, 5], [1, 3, 2], [4]]  # runs close at >= 6.6 MiB
+    assert fastread._runs(order, outs, threads=1) == [[6, 0, 5], [1, 3, 2, 4]]  # >= 13.25 MiB
+    assert fastread._runs(order, outs, threads=64) == [[6], [0], [5], [1], [3], [2], [4]]  # the 1 MiB floor
+    assert fastread._runs([], [], threads=2) == [[]]
