@@ -163,7 +163,7 @@ def timed_load(load: Callable[[], State]) -> dict[str, Any]:
 
 
 def timed_loads(directory: Path, load: Callable[[], State]) -> dict[str, Any]:
-    """First cold and warm loads (median trial); peak RSS is clean for the first only."""
+    """First, cold and warm loads (the warm one: median of 3); peak RSS is clean for the first only."""
     warm_up(directory.with_name(directory.name + "-warmup"))
     baseline = benchlib.proc_status_mb("VmRSS")
     first = timed_load(load)
