@@ -49,11 +49,30 @@ def test_without_a_source_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_mfu():
-    spec = importlib.util.spec_from_file_location("bench_mfu", REPO / "benchmarks" / "mfu.py")
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_mfu():
+    return load_bench("mfu")
+
+
+def test_median_trial_reports_the_middle_run_and_all_of_them() -> None:
+    """The warm-restore protocol: every trial runs, the median one is reported whole, and all are listed."""
+    benchlib = load_bench("benchlib")
+    seconds = iter([0.9, 0.2, 0.4])
+    runs = []
+
+    def run() -> dict:
+        runs.append(len(runs))
+        return {"s": next(seconds), "run": runs[-1]}
+
+    got = benchlib.median_trial(run, trials=3)
+    assert got == {"s": 0.4, "run": 2, "trials_s": [0.9, 0.2, 0.4]}
+    assert benchlib.median_trial(iter([{"s": 0.3}, {"s": 0.1}]).__next__, trials=2)["s"] == 0.1  # the lower
 
 
 @pytest.mark.parametrize("tied", [True, False])
