@@ -5,6 +5,7 @@
     python benchmarks/checkpoint.py --devices 8           # state sharded over 8 fake CPU devices
     python benchmarks/checkpoint.py --variants jaxckpt,zarr3,target64m,io-sync-off   # experiments
     python benchmarks/checkpoint.py --list-variants
+    python benchmarks/checkpoint.py --devices 8 --phases 6   # where one restore's time goes (6 in a row)
 
 The state is jaxckpt's own train state (params + AdamW moments + step + rng, created sharded by
 ``jaxckpt.state.create_state`` for a GPT-style config sized to ``--gb``), filled with random values so
@@ -481,6 +482,51 @@ def worker_memcpy(args: argparse.Namespace) -> dict[str, Any]:
             "fresh_trials_s": [t[0]["s"] for t in trials], "touched_trials_s": [t[1]["s"] for t in trials]}
 
 
+PHASES = {"read_index": "OCDBT index", "_boxes": "target boxes", "_read_all": "read", "_to_devices": "to devices"}
+
+
+def restore_phases(args: argparse.Namespace, root: Path) -> str:
+    """``--phases N``: where ``fastread.restore``'s time goes, over N restores of one save, in this process.
+
+    Each phase is one of fastread's functions, timed by wrapping it; "other" is the rest of the restore.
+    """
+    state = build_state(args.gb)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    with make_manager(root / "phases") as mgr:
+        mgr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
+        mgr.wait_until_finished()
+    del state
+    spent: dict[str, float] = {}
+    originals = {name: getattr(fastread, name) for name in PHASES}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    lines = ["| restore | total s | " + " | ".join(f"{v} s" for v in PHASES.values()) + " | other s |",
+             "|" + "---|" * (len(PHASES) + 3)]
+    try:
+        for name, fn in originals.items():
+            setattr(fastread, name, timed(name, fn))
+        for i in range(args.phases):
+            spent.clear()
+            gc.collect()
+            t0 = time.perf_counter()
+            jax.block_until_ready(fastread.restore(root / "phases" / "1" / "state", abstract))
+            total = time.perf_counter() - t0
+            lines.append(f"| {i + 1} | {total:.3f} | " + " | ".join(f"{spent.get(n, 0):.3f}" for n in PHASES)
+                         + f" | {total - sum(spent.values()):.3f} |")
+    finally:
+        for name, fn in originals.items():
+            setattr(fastread, name, fn)
+    return "\n".join(lines)
+
+
 WORKERS = {"save": worker_save, "restore": worker_restore, "numpy": worker_numpy, "memcpy": worker_memcpy}
 
 
@@ -813,6 +859,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-python", default=None, metavar="PATH",
                    help="interpreter with torch for the torch.save/DCP rows (benchmarks/torch_ckpt.py); default: "
                         "the repo's .venv-torch/bin/python if it exists, else this one if it has torch; 'none' skips")
+    p.add_argument("--phases", type=int, default=0, metavar="N",
+                   help="instead of the comparison: save once, then time fastread.restore's phases over N "
+                        "restores in this process (restore 1 is the first in the process)")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--variant", default="jaxckpt", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -829,14 +878,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; --list-variants shows them")
-    args.torch_python, args.torch_note = resolve_torch_python(args.torch_python)
-    log(f"torch: {args.torch_note}")
+    if args.phases and fastread is None:
+        raise SystemExit("--phases times jaxckpt.fastread, which this jaxckpt does not have")
     abstract = target(args.gb)
     nbytes, n_leaves = tree_bytes(abstract), len(jax.tree.leaves(abstract))
     parent = args.dir or Path(__file__).resolve().parents[2]
     root = Path(tempfile.mkdtemp(prefix="jaxckpt-bench-ckpt-", dir=parent))
     try:
         log(f"{nbytes / 1e9:.3f} GB state, scratch dir {root}")
+        if args.phases:
+            print(f"fastread.restore of a {nbytes / 1e9:.3f} GB state ({n_leaves} leaves) over {args.devices} "
+                  f"device(s), {fastread.__file__}\n" + restore_phases(args, root))
+            return 0
+        args.torch_python, args.torch_note = resolve_torch_python(args.torch_python)
+        log(f"torch: {args.torch_note}")
         results = run_all(args, root, nbytes)
         print(report(args, root, nbytes, n_leaves, results))
     finally:

@@ -118,3 +118,18 @@ def test_mfu_compile_only_reports_the_plan_without_running(tmp_path: Path) -> No
     r = json.loads(out.read_text())["results"]["configs/tiny.py"]
     assert r["compile_s"] > 0 and r["argument_bytes"] > 0 and r["temp_bytes"] > 0
     assert r["plan_bytes"] >= r["temp_bytes"]
+
+
+def test_checkpoint_phases_time_every_part_of_a_restore(tmp_path: Path) -> None:
+    """``checkpoint.py --phases N`` restores N times and splits each restore's wall time into fastread's phases."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "checkpoint.py"), "--gb", "0.01", "--devices", "2",
+                          "--phases", "2", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    rows = [line.strip("|").split("|") for line in lines if line.startswith("| ") and "s |" not in line]
+    assert [r[0].strip() for r in rows] == ["1", "2"]
+    for row in rows:
+        total, *phases, other = (float(x) for x in row[1:])
+        assert all(p >= 0 for p in phases) and phases[2] > 0  # the read took time
+        assert abs(total - sum(phases) - other) < 2e-3  # the columns add up (each printed to 1 ms)
+    assert list(tmp_path.iterdir()) == []  # the scratch checkpoint is gone
