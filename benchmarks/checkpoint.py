@@ -485,17 +485,16 @@ def worker_memcpy(args: argparse.Namespace) -> dict[str, Any]:
 PHASES = {"read_index": "OCDBT index", "_boxes": "target boxes", "_read_all": "read", "_to_devices": "to devices"}
 
 
-def restore_phases(args: argparse.Namespace, root: Path) -> str:
+def restore_phases(args: argparse.Namespace, root: Path, abstract: PyTree) -> str:
     """``--phases N``: where ``fastread.restore``'s time goes, over N restores of one save, in this process.
 
-    Each phase is one of fastread's functions, timed by wrapping it; "other" is the rest of the restore.
+    The save is the ``jaxckpt`` variant's (the files jaxckpt writes). Each phase is one of fastread's
+    functions, timed by wrapping it; "other" is the rest of the restore.
     """
-    state = build_state(args.gb)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    with make_manager(root / "phases") as mgr:
-        mgr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)), force=True)
+    variant = VARIANTS["jaxckpt"]
+    with variant.manager(root / "phases") as mgr:
+        mgr.save(1, args=ocp.args.Composite(state=variant.save(build_state(args.gb))), force=True)
         mgr.wait_until_finished()
-    del state
     spent: dict[str, float] = {}
     originals = {name: getattr(fastread, name) for name in PHASES}
 
@@ -888,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{nbytes / 1e9:.3f} GB state, scratch dir {root}")
         if args.phases:
             print(f"fastread.restore of a {nbytes / 1e9:.3f} GB state ({n_leaves} leaves) over {args.devices} "
-                  f"device(s), {fastread.__file__}\n" + restore_phases(args, root))
+                  f"device(s), {fastread.__file__}\n" + restore_phases(args, root, abstract))
             return 0
         args.torch_python, args.torch_note = resolve_torch_python(args.torch_python)
         log(f"torch: {args.torch_note}")

@@ -311,7 +311,7 @@ def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]],
 
     A leaf whose boxes each sit on one device takes one ``jax.make_array_from_callback`` (one transfer call
     per leaf). The leaves with replicated boxes need a buffer per device; theirs go in one batched
-    ``jax.device_put``. 8 fake devices, 1 GB: 0.04-0.09 s, against 0.08-0.17 s for a ``device_put`` of
+    ``jax.device_put``. 8 fake devices, 1 GB: 0.05-0.09 s, against 0.09-0.16 s for a ``device_put`` of
     every shard, jax's per-array Python path (``benchmarks/checkpoint.py --devices 8 --phases 6``).
     """
     it = iter(hosts)
@@ -357,7 +357,8 @@ def _runs(order: list[int], outs: list[np.ndarray], threads: int) -> list[list[i
     small state, at least 1 MiB).
 
     One thread-pool task per run, not per job: with 1,423 shards (8 fake devices, 1 GB), a task per shard
-    read in 0.27-0.34 s, runs of 32 MiB in 0.20-0.25 s (``benchmarks/checkpoint.py --devices 8 --phases 6``).
+    read in 0.29-0.35 s, runs of 32 MiB mostly in 0.21-0.33 s (``benchmarks/checkpoint.py --devices 8
+    --phases 6``).
     """
     target = max(1 << 20, min(32 << 20, sum(o.nbytes for o in outs) // (4 * threads)))
     runs, size = [[]], 0
