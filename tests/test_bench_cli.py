@@ -56,10 +56,6 @@ def load_bench(name: str):
     return mod
 
 
-def load_mfu():
-    return load_bench("mfu")
-
-
 def test_median_trial_reports_the_middle_run_and_all_of_them() -> None:
     """The warm-restore protocol: every trial runs, the median one is reported whole, and all are listed."""
     benchlib = load_bench("benchlib")
@@ -84,7 +80,7 @@ def test_mfu_counts_every_matmul_weight(tied: bool) -> None:
     from jaxckpt.model import param_count
     from jaxckpt.state import ModelDef
 
-    mfu = load_mfu()
+    mfu = load_bench("mfu")
     cfg = load_config(None, [f"model.tie_embeddings={str(tied).lower()}", "model.n_layers=3"]).model
     n_params = param_count(jax.tree.leaves(ModelDef.build(cfg).template))
     norms = (2 * cfg.n_layers + 1) * cfg.d_model
