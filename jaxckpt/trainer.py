@@ -46,6 +46,7 @@ class Run:
     step_fn: Any = None
     eval_fn: Any = None
     executables: Path | None = None  # where compiled train steps are kept (jaxckpt.aot); None = off
+    prefetch: aot.Prefetch | None = None  # the stored train step, loading on a thread
     last_metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -122,13 +123,15 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cache = enable_compilation_cache(cfg.train.compilation_cache)
-    with PreemptionGuard() as guard, WorkdirLock(workdir):
+    executables = cache / "executables" if cache is not None else None
+    with (PreemptionGuard() as guard, WorkdirLock(workdir),
+          aot.Prefetch("train_step", step_program(cfg), executables) as prefetch):  # loads while we build, restore
         route_library_logs(workdir)
         events = EventLog(workdir)
         events.emit("start", process_start=process_start_time(), processes=jax.process_count(),
                     devices=jax.device_count())
         run = Run.build(cfg, workdir)
-        run.executables = cache / "executables" if cache is not None else None
+        run.executables, run.prefetch = executables, prefetch
         resume_lib.prepare_dir(cfg, workdir)
         with Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=events.emit) as ckpt:
             t0 = time.perf_counter()
@@ -152,7 +155,8 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
 def step_program(cfg: Config) -> dict[str, Any]:
     """The settings the compiled train step depends on (beyond its argument shapes and shardings)."""
     d = cfg.to_dict()
-    return {"model": d["model"], "optim": d["optim"], "mesh": d["mesh"], "train.steps": cfg.train.steps}
+    return {"model": d["model"], "optim": d["optim"], "mesh": d["mesh"], "train.steps": cfg.train.steps,
+            "data.batch_size": cfg.data.batch_size}
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
@@ -178,7 +182,8 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
         batch = run.data.to_global(next(it))
         if step == start.step:  # the first step compiles (or loads from the cache): time it
             t_first = time.perf_counter()
-            step_fn = aot.compiled(run.step_fn, (state, batch), "train_step", step_program(run.cfg), run.executables)
+            step_fn = aot.compiled(run.step_fn, (state, batch), "train_step", step_program(run.cfg), run.executables,
+                                   run.prefetch)
             state, metrics = jax.block_until_ready(step_fn(state, batch))
             events.emit("first_step", step=step + 1, seconds=time.perf_counter() - t_first)
         else:

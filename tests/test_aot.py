@@ -51,12 +51,55 @@ def test_second_start_loads_without_tracing_and_gives_the_same_bits(tmp_path: Pa
     assert run_twice(second) == reference
 
 
-def test_a_different_program_or_argument_shape_is_a_different_entry(tmp_path: Path) -> None:
+def test_a_different_program_is_a_different_entry(tmp_path: Path) -> None:
     aot.compiled(make_step(), args(), "step", {"lr": 0.1}, tmp_path)
     aot.compiled(make_step(), args(), "step", {"lr": 0.2}, tmp_path)
-    small = ({"w": jnp.ones((4, 4), jnp.float32), "n": jnp.int32(0)}, jnp.ones((4, 4), jnp.float32))
-    aot.compiled(make_step(), small, "step", {"lr": 0.1}, tmp_path)
-    assert len(list(tmp_path.glob("*.jaxexe"))) == 3
+    assert len(list(tmp_path.glob("*.jaxexe"))) == 2
+
+
+def small_args() -> tuple[dict, jax.Array]:
+    return {"w": jnp.ones((4, 4), jnp.float32), "n": jnp.int32(0)}, jnp.ones((4, 4), jnp.float32)
+
+
+def test_other_arguments_under_the_same_program_compile_and_replace_the_entry(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The file is named by the program alone; the key stored in it covers the arguments and must match."""
+    aot.compiled(make_step(), args(), "step", {}, tmp_path)
+    TRACES.clear()
+    fn = aot.compiled(make_step(), small_args(), "step", {}, tmp_path)
+    assert TRACES == [1]  # compiled, not the 8x8 executable
+    assert "compiled for other arguments" in capsys.readouterr().err
+    state, x = small_args()
+    assert np.array_equal(np.asarray(fn(state, x)[0]["w"]), np.asarray(make_step()(*small_args())[0]["w"]))
+    assert len(list(tmp_path.glob("*.jaxexe"))) == 1
+    TRACES.clear()
+    aot.compiled(make_step(), small_args(), "step", {}, tmp_path)
+    assert TRACES == []  # the entry now holds the 4x4 one
+
+
+def test_prefetch_loads_before_the_arguments_exist(tmp_path: Path) -> None:
+    """A Prefetch needs only the program; its executable is used when the arguments' key matches."""
+    aot.compiled(make_step(), args(), "step", {"lr": 0.1}, tmp_path)
+    prefetch = aot.Prefetch("step", {"lr": 0.1}, tmp_path)
+    TRACES.clear()
+    fn = aot.compiled(make_step(), args(), "step", {"lr": 0.1}, tmp_path, prefetch)
+    assert TRACES == []
+    assert fn is prefetch.take(aot.cache_key("step", {"lr": 0.1}, args()))  # the prefetched object itself
+    assert run_twice(fn) == run_twice(make_step())
+
+
+def test_prefetch_of_a_mismatch_or_of_nothing_compiles(tmp_path: Path) -> None:
+    aot.compiled(make_step(), args(), "step", {}, tmp_path)
+    prefetch = aot.Prefetch("step", {}, tmp_path)
+    TRACES.clear()
+    fn = aot.compiled(make_step(), small_args(), "step", {}, tmp_path, prefetch)
+    assert TRACES == [1]
+    assert np.asarray(fn(*small_args())[1]) == np.asarray(make_step()(*small_args())[1])
+    nothing = aot.Prefetch("step", {"other": 1}, tmp_path)
+    assert nothing.take(aot.cache_key("step", {"other": 1}, args())) is None
+    TRACES.clear()
+    aot.compiled(make_step(), args(), "step", {"other": 1}, tmp_path, nothing)
+    assert TRACES == [1]
 
 
 def test_a_corrupt_file_is_replaced_by_a_compile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
