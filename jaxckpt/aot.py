@@ -172,6 +172,24 @@ def compiled(jitted: Any, args: tuple, name: str, program: dict[str, Any], direc
         loaded = _matching(path, _load(path), key)
     if loaded is not None:
         return loaded
-    result = jitted.lower(*args).compile()
+    result = _compile_fresh(jitted, args)
     _store(path, key, result)
     return result
+
+
+def _compile_fresh(jitted: Any, args: tuple) -> Any:
+    """``jitted`` compiled by XLA, never taken from JAX's persistent cache. On XLA:CPU an executable
+    loaded from that cache serializes without its machine code, and the stored copy then fails at its
+    first call ("Function ... not found"). JAX decides once per process whether to use its cache, so the
+    switch needs a reset on each side."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if not jax.config.jax_enable_compilation_cache:
+        return jitted.lower(*args).compile()
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        return jitted.lower(*args).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()

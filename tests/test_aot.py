@@ -145,3 +145,14 @@ def test_sharded_over_some_of_the_devices(tmp_path: Path) -> None:
     out = loaded(x())
     assert out.sharding == sh
     assert np.array_equal(np.asarray(out), np.arange(16) * 2 + 1)
+
+
+def test_a_step_in_jaxs_own_cache_is_compiled_afresh_before_it_is_kept(tmp_path: Path, jit_cache: Path) -> None:
+    """An executable loaded from JAX's persistent cache serializes without its machine code on XLA:CPU (its
+    stored copy fails at the first call), so a miss here must not take the step from JAX's cache."""
+    make_step().lower(*args()).compile()  # now in JAX's persistent cache (jit_cache)
+    aot.compiled(make_step(), args(), "step", {"jax-cache": 1}, tmp_path)
+    TRACES.clear()
+    loaded = aot.compiled(make_step(), args(), "step", {"jax-cache": 1}, tmp_path)
+    assert TRACES == []
+    assert run_twice(loaded) == run_twice(make_step())
