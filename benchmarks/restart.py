@@ -24,9 +24,10 @@ What is timed, from the restarted trainer's own ``events.jsonl`` (all wall clock
   *build* = -> restore begins (``Run.build``: mesh, model, optimizer, data pipeline, jit wrappers;
   checkpoint manager); *restore* = the ``restore`` event's seconds (checksum verification + Orbax restore
   of state and data iterator); *prep* = -> first step dispatched (metrics writer, TensorBoard, first
-  batch); *first step* = the ``first_step`` event's seconds: compiling the train step (cold: XLA compile +
-  writing the cache entry) or loading it from the cache (warm), then running it once. Tracing and
-  lowering to StableHLO happen in both cases: the persistent cache only skips XLA's compile.
+  batch); *first step* = the ``first_step`` event's seconds: compiling the train step (cold: tracing,
+  lowering, XLA compile, writing the cache entries) or taking ``jaxckpt.aot``'s stored executable (warm;
+  its load starts on a thread before *build*, so only the part the build and restore did not hide shows
+  here), then running it once.
 * *later step* = median gap between the trainer's per-step metrics rows after the first step (the steady
   step time, ``train.log_every=1``; needs ``--steps`` >= 2); *latency − later step* estimates the restart
   without the one step's execution that no cache can remove, i.e. the part the compilation cache can act on.

@@ -232,6 +232,30 @@ def test_interrupted_run_is_bitwise_identical(
     assert_states_equal(load_state(workdir, N), load_state(reference, N))
 
 
+def test_restart_takes_the_stored_train_step(reference: Path, dataset: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a compilation cache, the first run stores its compiled step; the restart loads it on a thread
+    (jaxckpt.aot.Prefetch), uses it without compiling, and still ends bit-identical."""
+    from jaxckpt import aot, trainer
+
+    cache = tmp_path / "cache"  # not through enable_compilation_cache: JAX's own cache stays the module's
+    monkeypatch.setattr(trainer, "enable_compilation_cache", lambda setting: cache)
+    taken: list[object] = []
+    take = aot.Prefetch.take
+    monkeypatch.setattr(aot.Prefetch, "take", lambda self, key: taken.append(take(self, key)) or taken[-1])
+    stores: list[Path] = []
+    store = aot._store
+    monkeypatch.setattr(aot, "_store", lambda path, key, compiled: stores.append(path) or store(path, key, compiled))
+    workdir = tmp_path / "run"
+    train(make_cfg(dataset), workdir, stop_at=6)
+    assert taken == [None] and len(stores) == 1  # nothing stored yet: compiled, then stored
+    train(make_cfg(dataset), workdir)
+    assert len(taken) == 2 and taken[1] is not None and len(stores) == 1  # loaded, not compiled again
+    ref = losses(reference)
+    assert {s: v for s, v in losses(workdir).items() if s > 6} == {s: ref[s] for s in range(7, N + 1)}
+    assert_states_equal(load_state(workdir, N), load_state(reference, N))
+
+
 def test_dropout_is_active(dataset: Path) -> None:
     """Every run here uses model.dropout=0.1, so the forward pass must really depend on the step key."""
     cfg = make_cfg(dataset)
