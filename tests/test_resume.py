@@ -240,12 +240,20 @@ def test_restart_takes_the_stored_train_step(reference: Path, dataset: Path, tmp
 
     cache = tmp_path / "cache"  # not through enable_compilation_cache: JAX's own cache stays the module's
     monkeypatch.setattr(trainer, "enable_compilation_cache", lambda setting: cache)
-    taken: list[object] = []
-    take = aot.Prefetch.take
-    monkeypatch.setattr(aot.Prefetch, "take", lambda self, key: taken.append(take(self, key)) or taken[-1])
-    stores: list[Path] = []
-    store = aot._store
-    monkeypatch.setattr(aot, "_store", lambda path, key, compiled: stores.append(path) or store(path, key, compiled))
+    taken: list[object] = []  # what each Prefetch.take returned
+    stores: list[Path] = []  # every executable kept
+    take, store = aot.Prefetch.take, aot._store
+
+    def spy_take(self: aot.Prefetch, key: str) -> object:
+        taken.append(take(self, key))
+        return taken[-1]
+
+    def spy_store(path: Path, key: str, compiled: object) -> None:
+        stores.append(path)
+        store(path, key, compiled)
+
+    monkeypatch.setattr(aot.Prefetch, "take", spy_take)
+    monkeypatch.setattr(aot, "_store", spy_store)
     workdir = tmp_path / "run"
     train(make_cfg(dataset), workdir, stop_at=6)
     assert taken == [None] and len(stores) == 1  # nothing stored yet: compiled, then stored
