@@ -114,6 +114,19 @@ def test_a_corrupt_file_is_replaced_by_a_compile(tmp_path: Path, capsys: pytest.
     assert path.stat().st_size > 1000  # rewritten
 
 
+def test_a_corrupt_file_found_by_the_prefetch_costs_a_compile(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    aot.compiled(make_step(), args(), "step", {}, tmp_path)
+    (path,) = tmp_path.glob("*.jaxexe")
+    path.write_bytes(path.read_bytes()[:1000])  # torn mid-write
+    with aot.Prefetch("step", {}, tmp_path) as prefetch:
+        TRACES.clear()
+        fn = aot.compiled(make_step(), args(), "step", {}, tmp_path, prefetch)
+    assert TRACES == [1]
+    assert "ignoring the cached executable" in capsys.readouterr().err
+    assert run_twice(fn) == run_twice(make_step())
+
+
 def test_no_directory_means_plain_jit(tmp_path: Path) -> None:
     step = make_step()
     assert aot.compiled(step, args(), "step", {}, None) is step
