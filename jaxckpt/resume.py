@@ -207,7 +207,7 @@ def restore_latest(run: Run, ckpt: ckpt_lib.Checkpointer) -> Start | None:
 def start_state(run: Run, ckpt: ckpt_lib.Checkpointer) -> Start:
     start = restore_latest(run, ckpt) if run.cfg.train.resume == "auto" else None
     if start is None:
-        state = create_state(run.mdef, run.tx, run.mesh, run.cfg.train.seed)
+        state = create_state(run.mdef, run.tx, run.mesh, run.cfg.train.seed, run.shardings)
         if run.cfg.train.init_from:
             state["params"] = ckpt_lib.load_params(run.cfg.train.init_from, run.abstract_state()["params"])
             log(f"initialised params from {run.cfg.train.init_from} (fresh optimizer, step 0)")

@@ -25,7 +25,7 @@ from jaxckpt.metrics import EventLog, MetricsWriter, log, route_library_logs
 from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
 from jaxckpt.preemption import Preempted, PreemptionGuard
-from jaxckpt.state import ModelDef, abstract_state, state_shardings
+from jaxckpt.state import ModelDef, abstract_state, state_shapes, state_shardings
 from jaxckpt.step import jit_eval_step, jit_train_step
 
 PyTree = Any
@@ -45,6 +45,7 @@ class Run:
     data: DataPipeline
     step_fn: Any = None
     eval_fn: Any = None
+    shapes: PyTree = None  # the state's ShapeDtypeStructs (state_shapes), traced once here
     executables: Path | None = None  # where compiled train steps are kept (jaxckpt.aot); None = off
     prefetch: aot.Prefetch | None = None  # the stored train step, loading on a thread
     last_metrics: dict[str, float] = field(default_factory=dict)
@@ -55,15 +56,16 @@ class Run:
         mdef = ModelDef.build(cfg.model)
         tx = make_optimizer(cfg.optim, cfg.train.steps)
         schedule = make_schedule(cfg.optim, cfg.train.steps)
-        shardings = state_shardings(mdef, tx, mesh)
+        shapes = state_shapes(mdef, tx)
+        shardings = state_shardings(mdef, tx, mesh, shapes)
         data = DataPipeline(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, mesh)
-        run = cls(cfg, Path(workdir), mesh, mdef, tx, schedule, shardings, data)
+        run = cls(cfg, Path(workdir), mesh, mdef, tx, schedule, shardings, data, shapes=shapes)
         run.step_fn = jit_train_step(mdef, tx, schedule, mesh, shardings)
         run.eval_fn = jit_eval_step(mdef, mesh, shardings["params"])
         return run
 
     def abstract_state(self) -> PyTree:
-        return abstract_state(self.mdef, self.tx, self.mesh)
+        return abstract_state(self.mdef, self.tx, self.mesh, self.shapes, self.shardings)
 
     def tokens_per_step(self) -> int:
         return self.cfg.data.batch_size * self.cfg.model.seq_len
