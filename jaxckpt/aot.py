@@ -66,18 +66,22 @@ def program_key(name: str, program: dict[str, Any]) -> str:
 def cache_key(name: str, program: dict[str, Any], args: tuple) -> str:
     """A digest of everything the compiled program ``name`` depends on: ``program_key`` plus JAX's
     numerics settings and the abstract arguments. Stored in the file; a load must match it."""
+    return _full_key(program_key(name, program), args)
+
+
+def _full_key(program_digest: str, args: tuple) -> str:
     def aval(x: Any) -> str:
         return f"{tuple(x.shape)}:{x.dtype}:{getattr(x, 'sharding', None)}"
 
     return _digest({
-        "program": program_key(name, program),
+        "program": program_digest,
         "jax": {k: str(getattr(jax.config, k, None)) for k in JAX_SETTINGS},
         "args": [str(jax.tree.structure(args)), [aval(x) for x in jax.tree.leaves(args)]],
     })
 
 
-def _path(directory: Path, name: str, program: dict[str, Any]) -> Path:
-    return directory / f"{name}-{program_key(name, program)[:40]}.jaxexe"
+def _path(directory: Path, name: str, program_digest: str) -> Path:
+    return directory / f"{name}-{program_digest[:40]}.jaxexe"
 
 
 def _load(path: Path) -> tuple[str, Any] | None:
@@ -104,7 +108,7 @@ class Prefetch:
     checkpoint (XLA's deserialization releases the GIL). Never compiles there: a miss is found at ``take``."""
 
     def __init__(self, name: str, program: dict[str, Any], directory: Path | None):
-        self.path = _path(directory, name, program) if directory is not None else None
+        self.path = _path(directory, name, program_key(name, program)) if directory is not None else None
         self._loaded: tuple[str, Any] | None = None
         self._thread: threading.Thread | None = None
         if self.path is not None and self.path.is_file():
@@ -165,7 +169,8 @@ def compiled(jitted: Any, args: tuple, name: str, program: dict[str, Any], direc
     from ``prefetch`` if one was started), else compiled and stored there. Without a directory, ``jitted``."""
     if directory is None:
         return jitted
-    key, path = cache_key(name, program, args), _path(directory, name, program)
+    digest = program_key(name, program)  # once: it reads versions and devices
+    key, path = _full_key(digest, args), _path(directory, name, digest)
     if prefetch is not None and prefetch.path == path:
         loaded = prefetch.take(key)
     else:
