@@ -48,6 +48,22 @@ def jit_train_step(
     )
 
 
+# XLA:GPU's DebugOptions for each ``train.determinism``: atomics in scatter-add (the embedding gradient) and
+# the autotuner's timing-based choice of kernels are what make a GPU step's bits vary (XLA docs/determinism.md).
+GPU_DETERMINISM: dict[str, dict[str, bool]] = {
+    "full": {"xla_gpu_deterministic_ops": True},  # deterministic kernels, autotuning off
+    "kernels": {"xla_gpu_exclude_nondeterministic_ops": True},  # deterministic kernels, still autotuned
+    "off": {},
+}
+
+
+def compiler_options(determinism: str, platform: str | None = None) -> dict[str, bool]:
+    """XLA options that make the train step reproducible as ``train.determinism`` asks, for ``platform``
+    (default: JAX's default backend). Empty on CPUs and TPUs, whose XLA steps are deterministic anyway."""
+    platform = platform or jax.default_backend()
+    return dict(GPU_DETERMINISM[determinism]) if platform in ("gpu", "cuda", "rocm") else {}
+
+
 def jit_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: PyTree) -> Callable[[PyTree, jax.Array], jax.Array]:
     """``(params, tokens) -> loss`` without dropout."""
     return jax.jit(
