@@ -1,4 +1,4 @@
-"""Is the trainer's train step bitwise reproducible here, under each ``train.determinism``, and at what cost?
+"""Is the trainer's train step bitwise reproducible here, with and without ``train.deterministic``, and at what cost?
 
     python benchmarks/determinism.py --config configs/gpt125m.py --batch 16     # on a GPU
     python benchmarks/determinism.py --config configs/tiny.py --steps 3         # smoke test, any machine
@@ -12,8 +12,10 @@ ways a GPU can break that (XLA's docs/determinism.md), one check for each, per s
   Differs when the compile is not (XLA:GPU's autotuner times candidate kernels and keeps the fastest).
   A resume that misses the compiled-step caches (another machine, a jaxckpt upgrade) recompiles.
 
-Each setting is the trainer's own step (``jaxckpt.step``) compiled with ``jaxckpt.step.compiler_options``;
-``kernels+cache`` adds XLA's per-fusion autotune cache shared by the processes (not a trainer setting).
+Each setting is the trainer's own step (``jaxckpt.step``) compiled with its XLA options: ``off`` and
+``deterministic`` are ``train.deterministic=false`` and ``true``; the others are candidates, not trainer
+settings: ``exclude-ops`` (deterministic kernels, still autotuned), and ``+cache`` (XLA's per-fusion autotune
+results kept in a directory the processes share, as a workdir could be).
 Step time: the median of ``--repeats`` runs of ``--steps`` steps, against ``off``. On CPUs every setting is
 the same program (the options are GPU-only), so this only smoke-tests the script there.
 """
@@ -41,9 +43,11 @@ from benchmarks.mfu import build_step  # noqa: E402
 from jaxckpt.config import Config, load_config  # noqa: E402
 from jaxckpt.mesh import batch_sharding  # noqa: E402
 from jaxckpt.state import create_state  # noqa: E402
-from jaxckpt.step import compiler_options  # noqa: E402
+from jaxckpt.step import GPU_DETERMINISTIC  # noqa: E402
 
-MODES = ("off", "full", "kernels", "kernels+cache")
+EXCLUDE = {"xla_gpu_exclude_nondeterministic_ops": True}
+MODES = {"off": {}, "deterministic": GPU_DETERMINISTIC, "exclude-ops": EXCLUDE, "exclude-ops+cache": EXCLUDE,
+         "off+cache": {}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="steps per replay and per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--processes", type=int, default=2, help="fresh processes that compile and replay")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     p.add_argument("--json", type=Path, help="also write the raw numbers here")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # one process's results go here
     p.add_argument("--autotune-dir", type=Path, help=argparse.SUPPRESS)
@@ -62,10 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def options(mode: str, autotune_dir: Path | None) -> dict[str, Any]:
-    if mode != "kernels+cache":
-        return compiler_options(mode)
-    opts = compiler_options("kernels")
-    return {**opts, "xla_gpu_per_fusion_autotune_cache_dir": str(autotune_dir)} if opts and autotune_dir else opts
+    """XLA options for ``mode``; none off a GPU (they are XLA:GPU's), where every mode is the same program."""
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        return {}
+    cache = {"xla_gpu_per_fusion_autotune_cache_dir": str(autotune_dir)} if mode.endswith("+cache") else {}
+    return {**MODES[mode], **cache}
 
 
 def digest(tree: Any) -> str:
@@ -142,7 +147,8 @@ def child(args: argparse.Namespace) -> int:
 
 def config(args: argparse.Namespace) -> Config:
     extra = [f"data.batch_size={args.batch}"] if args.batch else []
-    return load_config(args.config, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", *extra, *args.overrides])
+    base = ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", "train.deterministic=false"]  # options: per mode
+    return load_config(args.config, [*base, *extra, *args.overrides])
 
 
 def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -175,6 +181,9 @@ def report(results: list[dict[str, Any]], modes: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.modes = args.modes.split(",")
+    if unknown := [m for m in args.modes if m not in MODES]:
+        sys.exit(f"unknown --modes {', '.join(unknown)}; known: {', '.join(MODES)}")
     if args.child:
         return child(args)
     cfg = config(args)
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(tmp) / f"p{i}.json"
             cmd = [sys.executable, __file__, "--child", str(out), "--autotune-dir", str(Path(tmp) / "autotune"),
                    "--config", args.config, "--steps", str(args.steps), "--repeats", str(args.repeats),
-                   "--modes", *args.modes, *([f"--batch={args.batch}"] if args.batch else []), *args.overrides]
+                   "--modes", ",".join(args.modes), *([f"--batch={args.batch}"] if args.batch else []), *args.overrides]
             env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
             subprocess.run(cmd, check=True, env=env)
             results.append(json.loads(out.read_text()))

@@ -9,7 +9,8 @@
 compile time and XLA's memory plan: how depth, ``model.remat`` and ``model.scan_layers`` change them.
 
 For each config this builds exactly the step the trainer runs (``jaxckpt.step.jit_train_step``: forward,
-backward, AdamW update, donation of the old state) on a mesh of every local device, FSDP over all of them
+backward, AdamW update, donation of the old state, XLA's deterministic GPU kernels unless
+``train.deterministic=false``) on a mesh of every local device, FSDP over all of them
 (``mesh.data=1 mesh.fsdp=-1 mesh.tensor=1``), and feeds it synthetic tokens already on the devices, so the
 data pipeline is not in this number (``benchmarks/step.py`` measures the trainer's overhead over this loop).
 
@@ -44,7 +45,7 @@ from jaxckpt.mesh import batch_sharding, make_mesh
 from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
 from jaxckpt.state import ModelDef, abstract_state, create_state, state_shardings
-from jaxckpt.step import jit_train_step
+from jaxckpt.step import compiler_options, jit_train_step
 
 # Dense bf16 TFLOP/s per chip, from vendors' datasheets; matched as substrings of device_kind, first match wins.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -129,7 +130,8 @@ def build_step(cfg: Config) -> tuple[Any, Any, Any, Any]:
     mdef = ModelDef.build(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     shardings = state_shardings(mdef, tx, mesh)
-    return mesh, mdef, tx, jit_train_step(mdef, tx, make_schedule(cfg.optim, cfg.train.steps), mesh, shardings)
+    schedule = make_schedule(cfg.optim, cfg.train.steps)
+    return mesh, mdef, tx, jit_train_step(mdef, tx, schedule, mesh, shardings, cfg.train.deterministic)
 
 
 def compile_only(cfg: Config) -> dict[str, Any]:
@@ -238,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(path, cfg, r, peak, probe))
         print(rows[-1], flush=True)
     print("\n".join(rows))
-    print(f"step ms: median of {args.repeats} runs of {args.steps} steps; model FLOPs = 6N + 12LTd per token (PaLM)")
+    opts = compiler_options(cfg.train.deterministic)
+    print(f"step ms: median of {args.repeats} runs of {args.steps} steps; model FLOPs = 6N + 12LTd per token (PaLM); "
+          f"train.deterministic={cfg.train.deterministic} (XLA options: {opts or 'none'})")
     if args.json:
         args.json.write_text(json.dumps({"device": dev.device_kind, "n_devices": jax.device_count(),
                                          "peak_tflops": peak, "matmul_tflops": probe, "results": raw}, indent=1))

@@ -1,9 +1,9 @@
 """Does a resumed run equal an uninterrupted one, bit for bit, on this machine? End to end, through the CLI.
 
     python benchmarks/resume_bits.py                                  # configs/small.py, 40 steps, stop at 20
-    python benchmarks/resume_bits.py --determinism off,kernels,full --steps 40 --stop-at 20 model.dropout=0.1
+    python benchmarks/resume_bits.py --deterministic true --steps 30 --stop-at 15 model.dropout=0.1
 
-For each ``train.determinism`` setting: one ``jaxckpt train`` of ``--steps`` steps, and one stopped at
+For ``train.deterministic`` false and true: one ``jaxckpt train`` of ``--steps`` steps, and one stopped at
 ``--stop-at`` (``--stop-at-step``: a checkpoint, a clean exit) then resumed by the same command in a new
 process. Every process gets its own empty compilation cache, so the resumed one compiles the step afresh,
 as after a move to another machine or a jaxckpt upgrade. The resumed run must log the same loss bits at
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/small.py")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--stop-at", type=int, default=20)
-    p.add_argument("--determinism", default="off,full", help="train.determinism settings, comma-separated")
+    p.add_argument("--deterministic", default="false,true", help="train.deterministic settings, comma-separated")
     p.add_argument("--keep", type=Path, help="keep the workdirs here (default: a temporary directory)")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides for every run")
     return p.parse_args(argv)
@@ -45,7 +45,7 @@ def train(args: argparse.Namespace, workdir: Path, cache: Path, setting: str, st
     cmd = [sys.executable, "-m", "jaxckpt.cli", "train", "--config", args.config, "--workdir", str(workdir),
            *(["--stop-at-step", str(stop_at)] if stop_at is not None else []),
            f"train.steps={args.steps}", "train.log_every=1", "train.progress=false", "train.tensorboard=false",
-           f"train.determinism={setting}", f"train.compilation_cache={cache}", *args.overrides]
+           f"train.deterministic={setting}", f"train.compilation_cache={cache}", *args.overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{jax.device_count()} x {dev.device_kind} ({dev.platform}); jax {jax.__version__}; {args.config}, "
           f"{args.steps} steps, stopped at {args.stop_at} and resumed in a new process with an empty cache", flush=True)
     root = args.keep or Path(tempfile.mkdtemp(prefix="resume_bits-"))
-    rows = ["| train.determinism | losses after the stop | final checkpoint | seconds: ref / stop / resume | "
+    rows = ["| train.deterministic | losses after the stop | final checkpoint | seconds: ref / stop / resume | "
             "verdict |", "|---|---|---|---|---|"]
     try:
-        for setting in args.determinism.split(","):
+        for setting in args.deterministic.split(","):
             rows.append(check(args, root, setting))
             print(rows[-1], flush=True)
     finally:

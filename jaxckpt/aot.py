@@ -164,13 +164,11 @@ def _store(path: Path, key: str, compiled: Any) -> None:
 
 
 def compiled(jitted: Any, args: tuple, name: str, program: dict[str, Any], directory: Path | None,
-             prefetch: Prefetch | None = None, options: dict[str, Any] | None = None) -> Callable:
-    """``jitted`` compiled for ``args`` with XLA ``options``: loaded from ``directory`` if it holds this exact
-    program (taken from ``prefetch`` if one was started), else compiled and stored there. Without a
-    directory: ``jitted`` itself, or compiled with ``options`` if there are any. ``program`` must name
-    whatever ``options`` derive from: the file name does not include them."""
+             prefetch: Prefetch | None = None) -> Callable:
+    """``jitted`` compiled for ``args``: loaded from ``directory`` if it holds this exact program (taken
+    from ``prefetch`` if one was started), else compiled and stored there. Without a directory, ``jitted``."""
     if directory is None:
-        return jitted.lower(*args).compile(compiler_options=options) if options else jitted
+        return jitted
     digest = program_key(name, program)  # once: it reads versions and devices
     key, path = _full_key(digest, args), _path(directory, name, digest)
     if prefetch is not None and prefetch.path == path:
@@ -179,12 +177,12 @@ def compiled(jitted: Any, args: tuple, name: str, program: dict[str, Any], direc
         loaded = _matching(path, _load(path), key)
     if loaded is not None:
         return loaded
-    result = _compile_fresh(jitted, args, options)
+    result = _compile_fresh(jitted, args)
     _store(path, key, result)
     return result
 
 
-def _compile_fresh(jitted: Any, args: tuple, options: dict[str, Any] | None = None) -> Any:
+def _compile_fresh(jitted: Any, args: tuple) -> Any:
     """``jitted`` compiled by XLA, never taken from JAX's persistent cache. On XLA:CPU an executable
     loaded from that cache serializes without its machine code, and the stored copy then fails at its
     first call ("Function ... not found"). JAX decides once per process whether to use its cache, so the
@@ -192,11 +190,11 @@ def _compile_fresh(jitted: Any, args: tuple, options: dict[str, Any] | None = No
     from jax.experimental.compilation_cache import compilation_cache
 
     if not jax.config.jax_enable_compilation_cache:
-        return jitted.lower(*args).compile(compiler_options=options or None)
+        return jitted.lower(*args).compile()
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
     try:
-        return jitted.lower(*args).compile(compiler_options=options or None)
+        return jitted.lower(*args).compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
         compilation_cache.reset_cache()

@@ -36,32 +36,32 @@ def train_step(
     return new_state, metrics
 
 
+# What makes XLA:GPU steps bitwise reproducible (XLA's docs/determinism.md): deterministic kernels (no atomics
+# in scatter-add, e.g. the embedding gradient) and no autotuning (which picks kernels by timing them, so two
+# compiles of one step may pick differently: measured on an H200, benchmarks/README.md "Determinism").
+GPU_DETERMINISTIC = {"xla_gpu_deterministic_ops": True}
+
+
+def compiler_options(deterministic: bool, platform: str | None = None) -> dict[str, bool]:
+    """XLA options for the train step on ``platform`` (default: JAX's default backend). Empty on CPUs and
+    TPUs, whose compiled steps are deterministic anyway, and when ``deterministic`` is off."""
+    platform = platform or jax.default_backend()
+    return dict(GPU_DETERMINISTIC) if deterministic and platform in ("gpu", "cuda", "rocm") else {}
+
+
 def jit_train_step(
-    mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, shardings: PyTree
+    mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, shardings: PyTree,
+    deterministic: bool = True,
 ) -> Callable[[PyTree, jax.Array], tuple[PyTree, dict[str, jax.Array]]]:
-    """``(state, tokens) -> (state, metrics)``; the input state is donated."""
+    """``(state, tokens) -> (state, metrics)``; the input state is donated. ``deterministic``: see
+    ``TrainConfig.deterministic``."""
     return jax.jit(
         lambda s, b: train_step(mdef, tx, schedule, s, b),
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(deterministic) or None,
     )
-
-
-# XLA:GPU's DebugOptions for each ``train.determinism``: atomics in scatter-add (the embedding gradient) and
-# the autotuner's timing-based choice of kernels are what make a GPU step's bits vary (XLA docs/determinism.md).
-GPU_DETERMINISM: dict[str, dict[str, bool]] = {
-    "full": {"xla_gpu_deterministic_ops": True},  # deterministic kernels, autotuning off
-    "kernels": {"xla_gpu_exclude_nondeterministic_ops": True},  # deterministic kernels, still autotuned
-    "off": {},
-}
-
-
-def compiler_options(determinism: str, platform: str | None = None) -> dict[str, bool]:
-    """XLA options that make the train step reproducible as ``train.determinism`` asks, for ``platform``
-    (default: JAX's default backend). Empty on CPUs and TPUs, whose XLA steps are deterministic anyway."""
-    platform = platform or jax.default_backend()
-    return dict(GPU_DETERMINISM[determinism]) if platform in ("gpu", "cuda", "rocm") else {}
 
 
 def jit_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: PyTree) -> Callable[[PyTree, jax.Array], jax.Array]:

@@ -26,7 +26,7 @@ from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
 from jaxckpt.preemption import Preempted, PreemptionGuard
 from jaxckpt.state import ModelDef, abstract_state, state_shapes, state_shardings
-from jaxckpt.step import compiler_options, jit_eval_step, jit_train_step
+from jaxckpt.step import jit_eval_step, jit_train_step
 
 PyTree = Any
 
@@ -60,7 +60,7 @@ class Run:
         shardings = state_shardings(mdef, tx, mesh, shapes)
         data = DataPipeline(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, mesh)
         run = cls(cfg, Path(workdir), mesh, mdef, tx, schedule, shardings, data, shapes=shapes)
-        run.step_fn = jit_train_step(mdef, tx, schedule, mesh, shardings)
+        run.step_fn = jit_train_step(mdef, tx, schedule, mesh, shardings, cfg.train.deterministic)
         run.eval_fn = jit_eval_step(mdef, mesh, shardings["params"])
         return run
 
@@ -158,7 +158,7 @@ def step_program(cfg: Config) -> dict[str, Any]:
     """The settings the compiled train step depends on (beyond its argument shapes and shardings)."""
     d = cfg.to_dict()
     return {"model": d["model"], "optim": d["optim"], "mesh": d["mesh"], "train.steps": cfg.train.steps,
-            "data.batch_size": cfg.data.batch_size, "train.determinism": cfg.train.determinism}
+            "data.batch_size": cfg.data.batch_size, "train.deterministic": cfg.train.deterministic}
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
@@ -185,7 +185,7 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
         if step == start.step:  # the first step compiles (or loads from the cache): time it
             t_first = time.perf_counter()
             step_fn = aot.compiled(run.step_fn, (state, batch), "train_step", step_program(run.cfg), run.executables,
-                                   run.prefetch, compiler_options(cfg.determinism))
+                                   run.prefetch)
             state, metrics = jax.block_until_ready(step_fn(state, batch))
             events.emit("first_step", step=step + 1, seconds=time.perf_counter() - t_first)
         else:
