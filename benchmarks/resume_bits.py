@@ -6,8 +6,8 @@
 For ``train.deterministic`` false and true: one ``jaxckpt train`` of ``--steps`` steps, and one stopped at
 ``--stop-at`` (``--stop-at-step``: a checkpoint, a clean exit) then resumed by the same command in a new
 process. Every process gets its own empty compilation cache, so the resumed one compiles the step afresh,
-as after a move to another machine or a jaxckpt upgrade. The resumed run must log the same loss bits at
-every step after the stop, and end in a checkpoint whose arrays (params, optimizer state, step, RNG) equal
+as after a move to another machine or a jaxckpt upgrade. The resumed run must log the same loss bits (and eval
+losses) at every step after the stop, and end in a checkpoint whose arrays (params, optimizer state, step, RNG) equal
 the uninterrupted run's bitwise.
 """
 
@@ -66,13 +66,17 @@ def final_state(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def compare(ref: Path, resumed: Path, after: int) -> tuple[str, str]:
-    """(loss verdict for steps after ``after``, state verdict) of ``resumed`` against ``ref``."""
-    loss = lambda w: {int(r["step"]): r["loss"] for r in read_metrics(w) if "loss" in r}  # noqa: E731
-    a, b = loss(ref), loss(resumed)
-    steps = sorted(s for s in a if s > after)
-    differ = [s for s in steps if a[s] != b.get(s)]
-    loss_verdict = f"{len(steps)} of {len(steps)} equal" if not differ else \
-        f"{len(differ)} of {len(steps)} differ (first: step {differ[0]}, {a[differ[0]]!r} vs {b.get(differ[0])!r})"
+    """(verdict on the losses and eval losses logged after step ``after``, verdict on the final state) of
+    ``resumed`` against ``ref``."""
+    def logged(workdir: Path) -> dict[tuple[int, str], float]:
+        return {(int(r["step"]), k): r[k] for r in read_metrics(workdir) for k in ("loss", "eval_loss") if k in r}
+
+    a, b = logged(ref), logged(resumed)
+    keys = sorted(k for k in a if k[0] > after)
+    differ = [k for k in keys if a[k] != b.get(k)]
+    loss_verdict = f"{len(keys)} of {len(keys)} equal" if not differ else (
+        f"{len(differ)} of {len(keys)} differ (first: step {differ[0][0]} {differ[0][1]}, "
+        f"{a[differ[0]]!r} vs {b.get(differ[0])!r})")
     sa, sb = final_state(ref), final_state(resumed)
     bad = [k for k in sa if k not in sb or sa[k].dtype != sb[k].dtype or not np.array_equal(sa[k], sb[k])]
     return loss_verdict, (f"{len(sa)} of {len(sa)} arrays equal" if not bad else
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{jax.device_count()} x {dev.device_kind} ({dev.platform}); jax {jax.__version__}; {args.config}, "
           f"{args.steps} steps, stopped at {args.stop_at} and resumed in a new process with an empty cache", flush=True)
     root = args.keep or Path(tempfile.mkdtemp(prefix="resume_bits-"))
-    rows = ["| train.deterministic | losses after the stop | final checkpoint | seconds: ref / stop / resume | "
+    rows = ["| train.deterministic | losses, eval losses after the stop | final checkpoint | seconds: ref / stop / resume | "
             "verdict |", "|---|---|---|---|---|"]
     try:
         for setting in args.deterministic.split(","):

@@ -38,7 +38,7 @@ def train_step(
 
 # What makes XLA:GPU steps bitwise reproducible (XLA's docs/determinism.md): deterministic kernels (no atomics
 # in scatter-add, e.g. the embedding gradient) and no autotuning (which picks kernels by timing them, so two
-# compiles of one step may pick differently: measured on an H200, benchmarks/README.md "Determinism").
+# compiles of one step may pick differently: measured on an H200, benchmarks/README.md §6).
 GPU_DETERMINISTIC = {"xla_gpu_deterministic_ops": True}
 
 
@@ -64,10 +64,13 @@ def jit_train_step(
     )
 
 
-def jit_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: PyTree) -> Callable[[PyTree, jax.Array], jax.Array]:
-    """``(params, tokens) -> loss`` without dropout."""
+def jit_eval_step(mdef: ModelDef, mesh: Mesh, param_shardings: PyTree,
+                  deterministic: bool = True) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """``(params, tokens) -> loss`` without dropout; ``deterministic`` as for the train step, so a resumed
+    run logs the same eval losses too."""
     return jax.jit(
         lambda p, b: loss_fn(mdef, p, b, None).astype(jnp.float32),
         in_shardings=(param_shardings, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
+        compiler_options=compiler_options(deterministic) or None,
     )

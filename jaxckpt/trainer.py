@@ -61,7 +61,7 @@ class Run:
         data = DataPipeline(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, mesh)
         run = cls(cfg, Path(workdir), mesh, mdef, tx, schedule, shardings, data, shapes=shapes)
         run.step_fn = jit_train_step(mdef, tx, schedule, mesh, shardings, cfg.train.deterministic)
-        run.eval_fn = jit_eval_step(mdef, mesh, shardings["params"])
+        run.eval_fn = jit_eval_step(mdef, mesh, shardings["params"], cfg.train.deterministic)
         return run
 
     def abstract_state(self) -> PyTree:

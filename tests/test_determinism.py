@@ -80,10 +80,11 @@ def test_resume_bits_script_passes_here_and_sees_a_changed_loss(tmp_path: Path,
     rb = load_bench("resume_bits")
     assert rb.main(["--config", "configs/tiny.py", "--steps", "4", "--stop-at", "2", "--deterministic", "true",
                     "--keep", str(tmp_path), *TINY, "model.dropout=0.1"]) == 0
-    assert "| true | 2 of 2 equal | " in capsys.readouterr().out
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("| true |"))
+    assert "| 3 of 3 equal | " in row and row.endswith("| **PASS** |"), row  # losses at 3, 4 and eval at 4
     ref, resumed = tmp_path / "true" / "ref", tmp_path / "true" / "resumed"
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     rows[-1]["loss"] = rows[-1]["loss"] + 1e-6
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     losses, state = rb.compare(ref, resumed, 2)
-    assert losses.startswith("1 of 2 differ (first: step 4") and "arrays equal" in state
+    assert losses.startswith("1 of 3 differ (first: step 4 loss") and "arrays equal" in state
