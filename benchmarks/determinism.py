@@ -43,7 +43,7 @@ from benchmarks.mfu import build_step  # noqa: E402
 from jaxckpt.config import Config, load_config  # noqa: E402
 from jaxckpt.mesh import batch_sharding  # noqa: E402
 from jaxckpt.state import create_state  # noqa: E402
-from jaxckpt.step import GPU_DETERMINISTIC  # noqa: E402
+from jaxckpt.step import GPU_DETERMINISTIC, compiler_options  # noqa: E402
 
 EXCLUDE = {"xla_gpu_exclude_nondeterministic_ops": True}
 MODES = {"off": {}, "deterministic": GPU_DETERMINISTIC, "exclude-ops": EXCLUDE, "exclude-ops+cache": EXCLUDE,
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options(mode: str, autotune_dir: Path | None) -> dict[str, Any]:
     """XLA options for ``mode``; none off a GPU (they are XLA:GPU's), where every mode is the same program."""
-    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+    if not compiler_options(True):
         return {}
     cache = {"xla_gpu_per_fusion_autotune_cache_dir": str(autotune_dir)} if mode.endswith("+cache") else {}
     return {**MODES[mode], **cache}
@@ -129,6 +129,7 @@ class Bench:
 
 def child(args: argparse.Namespace) -> int:
     jax.config.update("jax_enable_compilation_cache", False)  # every process compiles for itself
+    print(f"  {device_line()}", flush=True)
     bench = Bench(config(args), args.steps)
     out = {}
     for m in args.modes:
@@ -143,6 +144,11 @@ def child(args: argparse.Namespace) -> int:
             print(f"  {m}: {out[m]['error']}", flush=True)
         args.child.write_text(json.dumps(out))
     return 0
+
+
+def device_line() -> str:
+    dev = jax.devices()
+    return f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}); jax {jax.__version__}"
 
 
 def config(args: argparse.Namespace) -> Config:
@@ -186,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"unknown --modes {', '.join(unknown)}; known: {', '.join(MODES)}")
     if args.child:
         return child(args)
+    # This process only starts the others and compares: off the accelerator, so the memory stays theirs.
+    jax.config.update("jax_platforms", "cpu")
     cfg = config(args)
-    dev = jax.devices()[0]
-    print(f"{jax.device_count()} x {dev.device_kind} ({dev.platform}); jax {jax.__version__}; {args.config} "
-          f"batch {cfg.data.batch_size}x{cfg.model.seq_len}; {args.steps} steps per replay", flush=True)
+    print(f"{args.config} batch {cfg.data.batch_size}x{cfg.model.seq_len}; {args.steps} steps per replay; "
+          f"{args.processes} processes", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.processes):
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print("replay / recompile: 'same' = every step's loss and the final state (params, optimizer state) agree "
           "bitwise; else the first step whose loss differs ('state': only the final state does)")
     if args.json:
-        args.json.write_text(json.dumps({"device": dev.device_kind, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"results": results}, indent=1))
     return 0
 
 

@@ -95,12 +95,16 @@ def check(args: argparse.Namespace, root: Path, setting: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dev = jax.devices()[0]
-    print(f"{jax.device_count()} x {dev.device_kind} ({dev.platform}); jax {jax.__version__}; {args.config}, "
-          f"{args.steps} steps, stopped at {args.stop_at} and resumed in a new process with an empty cache", flush=True)
+    # This process only starts the runs and compares them: off the accelerator, so the memory stays theirs.
+    jax.config.update("jax_platforms", "cpu")
+    probe = ("import jax; d = jax.devices(); "
+             "print(f'{len(d)} x {d[0].device_kind} ({d[0].platform}); jax {jax.__version__}')")
+    devices = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+    print(f"{devices}; {args.config}, {args.steps} steps, stopped at {args.stop_at} and resumed in a new process "
+          "with an empty cache", flush=True)
     root = args.keep or Path(tempfile.mkdtemp(prefix="resume_bits-"))
-    rows = ["| train.deterministic | losses, eval losses after the stop | final checkpoint | seconds: ref / stop / resume | "
-            "verdict |", "|---|---|---|---|---|"]
+    rows = ["| train.deterministic | losses, eval losses after the stop | final checkpoint "
+            "| seconds: ref / stop / resume | verdict |", "|---|---|---|---|---|"]
     try:
         for setting in args.deterministic.split(","):
             rows.append(check(args, root, setting))

@@ -8,6 +8,7 @@ an H200: benchmarks/README.md "Determinism". CI has no GPU, so these tests pin w
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -20,6 +21,14 @@ from jaxckpt.trainer import step_program
 from tests.test_bench_cli import load_bench
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.seq_len=16", "data.batch_size=8"]
+
+
+@pytest.fixture
+def keep_platforms() -> Iterator[None]:
+    """The scripts' parents pin themselves to the CPU (``jax_platforms``); put it back for later tests."""
+    old = jax.config.jax_platforms
+    yield
+    jax.config.update("jax_platforms", old)
 
 
 def test_options_are_for_gpus_only() -> None:
@@ -63,7 +72,8 @@ def test_the_setting_is_part_of_the_stored_steps_key() -> None:
     assert on.train.deterministic  # on by default
 
 
-def test_determinism_script_reports_same_and_the_first_difference(capsys: pytest.CaptureFixture[str]) -> None:
+def test_determinism_script_reports_same_and_the_first_difference(capsys: pytest.CaptureFixture[str],
+                                                                  keep_platforms: None) -> None:
     det = load_bench("determinism")
     run = {"losses": ["0x1p+1", "0x1p+0"], "state": "ab"}
     assert det.first_difference(run, dict(run)) == "same"
@@ -75,8 +85,8 @@ def test_determinism_script_reports_same_and_the_first_difference(capsys: pytest
     assert len(rows) == 2 and all(r.endswith("| same, same | same |") for r in rows), rows
 
 
-def test_resume_bits_script_passes_here_and_sees_a_changed_loss(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_bits_script_passes_here_and_sees_a_changed_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 keep_platforms: None) -> None:
     rb = load_bench("resume_bits")
     assert rb.main(["--config", "configs/tiny.py", "--steps", "4", "--stop-at", "2", "--deterministic", "true",
                     "--keep", str(tmp_path), *TINY, "model.dropout=0.1"]) == 0
