@@ -17,7 +17,7 @@ import pytest
 
 from jaxckpt import step as step_lib
 from jaxckpt.config import load_config
-from jaxckpt.trainer import step_program
+from jaxckpt.trainer import determinism_note, step_program
 from tests.test_bench_cli import load_bench
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.seq_len=16", "data.batch_size=8"]
@@ -63,6 +63,14 @@ def test_the_train_step_compiles_with_the_options(monkeypatch: pytest.MonkeyPatc
             step_fn.lower(state, batch).compile()
     else:
         step_fn.lower(state, batch).compile()
+
+
+def test_the_trainer_says_what_the_setting_does_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    on, off = (load_config(None, [f"train.deterministic={v}"]) for v in ("true", "false"))
+    assert determinism_note(on) is None and determinism_note(off) is None  # a CPU: nothing to say
+    monkeypatch.setattr(step_lib.jax, "default_backend", lambda: "gpu")
+    assert "continues bit for bit" in determinism_note(on) and "is faster" in determinism_note(on)
+    assert determinism_note(off).startswith("train.deterministic=false: autotuned GPU kernels")
 
 
 def test_the_setting_is_part_of_the_stored_steps_key() -> None:
