@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxckpt.checkpoint import list_steps  # noqa: E402
 from jaxckpt.metrics import read_metrics  # noqa: E402
 
 
@@ -56,8 +57,7 @@ def train(args: argparse.Namespace, workdir: Path, cache: Path, setting: str, st
 def final_state(workdir: Path) -> dict[str, np.ndarray]:
     """The newest checkpoint's state, every array as host numpy, read with plain Orbax."""
     root = workdir / "checkpoints"
-    step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
-    path = root / str(step) / "state"
+    path = root / str(list_steps(root)[-1]) / "state"
     tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
     restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
