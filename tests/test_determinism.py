@@ -2,7 +2,7 @@
 two scripts that check determinism on a machine (benchmarks/determinism.py, resume_bits.py) report correctly.
 
 The GPU behaviour itself (a recompiled step differs without the options and not with them) was measured on
-an H200: benchmarks/README.md "Determinism". CI has no GPU, so these tests pin what a CPU can check.
+an H200: benchmarks/README.md §6. CI has no GPU, so these tests pin what a CPU can check.
 """
 
 from __future__ import annotations
