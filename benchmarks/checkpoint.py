@@ -168,6 +168,7 @@ class Variant:
     manifest: bool = False  # jaxckpt's CRC32 manifest after the save / verify before restore (if the lib has it)
     fast_restore: bool = False  # restore the state with jaxckpt.fastread (the trainer's default), not Orbax
     gc_paused: bool = False  # save under jaxckpt.checkpoint.gc_paused, as jaxckpt's Checkpointer does
+    orbax_d2h: bool = False  # hand shards to the host with Orbax's own ArrayHandler, not jaxckpt.d2h's
 
 
 def _restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
@@ -226,6 +227,9 @@ VARIANTS: dict[str, Variant] = {
                        _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
                        _restore_args, manifest=True, fast_restore=fastread is not None,
                        gc_paused=hasattr(ckpt_lib, "gc_paused")),
+    "jaxckpt-orbax-d2h": Variant("jaxckpt as shipped, but Orbax's own device-to-host step (no jaxckpt.d2h)",
+                                 make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
+                                 _restore_args, manifest=True, fast_restore=True, gc_paused=True, orbax_d2h=True),
     "jaxckpt-orbax-read": Variant("jaxckpt's save (no GC pause); restore through Orbax (fast_restore=false)",
                                   make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
                                   _restore_args, manifest=True),
@@ -280,6 +284,8 @@ async def aligned_read_shard(t: Any, *, new_shard_shape: Any, dtype: Any, reques
 
 def apply_patches(variant: Variant) -> None:
     patch_ts_context(variant.ts_context)
+    if variant.orbax_d2h:  # make_manager's handlers are built per manager: this process gets Orbax's own
+        ckpt_lib.d2h.LeanArrayHandler = ocp.type_handlers.ArrayHandler
     if variant.aligned_reads:
         from orbax.checkpoint._src.serialization import serialization
 

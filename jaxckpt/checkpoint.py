@@ -25,7 +25,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt import distributed, fastread, integrity
+from jaxckpt import d2h, distributed, fastread, integrity
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.errors import CheckpointSaveError, ConfigError
 from jaxckpt.layout import convert, is_stacked, other_layout
@@ -44,7 +44,7 @@ def dir_size(path: Path) -> int:
 
 
 def _type_handlers() -> Any:
-    """Orbax's default type handlers, but jax.Array without replica-parallel writes.
+    """Orbax's default type handlers, but jax.Array without replica-parallel writes, through jaxckpt.d2h.
 
     Replica-parallel saving slices replicated arrays with eager jax ops, which compiles a
     program per shape on the first save (~2 s blocking on CPU); each shard is written once anyway.
@@ -52,7 +52,7 @@ def _type_handlers() -> Any:
     from orbax.checkpoint._src.metadata import array_metadata_store
     from orbax.checkpoint._src.serialization import type_handler_registry as thr
 
-    array = ocp.type_handlers.ArrayHandler(
+    array = d2h.LeanArrayHandler(
         use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
     )
     defaults = [(t, h) for t, h in thr._DEFAULT_TYPE_HANDLERS if t is not jax.Array]  # noqa: SLF001

@@ -1,0 +1,114 @@
+"""The device-to-host step of a save, without Orbax's per-shard Python.
+
+Before a save returns, Orbax hands every shard this process writes to the host
+(``replica_slices.transfer_arrays_to_host``). It builds a ``ReplicaSlice`` per shard, copies it with
+``dataclasses.replace``, probes each device's memories for pinned host memory and starts one copy per
+shard. On 8 fake devices a 1 GB state is 1,423 shards, and that bookkeeping was most of the 0.15-0.18 s
+the save blocked training (benchmarks/README.md, §1b).
+
+:class:`LeanArrayHandler` is Orbax's ``ArrayHandler``; while it serializes, :func:`transfer` builds the
+same ``ReplicaSlices`` with one batched ``jax.copy_to_host_async``. That covers only what jaxckpt
+configures: each shard written whole by one replica, no replica-parallel slicing, no pinned-host copies.
+Everything else, every other handler (stock Orbax in the same process) and any Orbax whose function
+does not have the signature this was written against use Orbax's own function. The files written are
+byte for byte the same (tests/test_d2h.py).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import replica_slices as rs
+
+_LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_d2h", default=False)
+# Orbax's transfer_arrays_to_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
+EXPECTED_PARAMS = ("arrays", "replica_id", "use_replica_parallel", "min_slice_bytes_for_replica_parallel",
+                   "max_replicas_for_replica_parallel", "enable_pinned_host_transfer")
+EXPECTED_FIELDS = {rs.ReplicaSlice: ("index", "unsliced_data", "slice_args"),
+                   rs.ReplicaSlices: ("global_shape", "local_shape", "sharding", "dtype", "is_on_host",
+                                      "replica_slices")}
+
+
+def transfer(arrays: Sequence[jax.Array], replica_id: int | None) -> list[rs.ReplicaSlices]:
+    """What Orbax's ``transfer_arrays_to_host`` returns without replica-parallel or pinned-host transfer:
+    per array, the shards of one replica (``replica_id``, or the first shard's), on the host."""
+    picked = []
+    for arr in arrays:
+        shards = arr.addressable_shards
+        rid = shards[0].replica_id if replica_id is None else replica_id
+        picked.append((arr, shards[0].data.shape, [s for s in shards if s.replica_id == rid]))
+    jax.copy_to_host_async([s.data for _, _, mine in picked for s in mine])
+    return [rs.ReplicaSlices(global_shape=arr.shape, local_shape=local_shape, sharding=arr.sharding,
+                             dtype=arr.dtype, is_on_host=True,
+                             replica_slices=[rs.ReplicaSlice(index=s.index, unsliced_data=np.asarray(s.data),
+                                                             slice_args=None) for s in mine])
+            for arr, local_shape, mine in picked]
+
+
+def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Orbax's function, except inside a :class:`LeanArrayHandler` save of the case :func:`transfer` covers."""
+
+    @functools.wraps(orbax_fn)
+    def transfer_arrays_to_host(arrays: Sequence[jax.Array], replica_id: int | None, use_replica_parallel: bool,
+                                min_slice_bytes_for_replica_parallel: int | None = None,
+                                max_replicas_for_replica_parallel: int | None = None, *,
+                                enable_pinned_host_transfer: bool = False) -> Sequence[rs.ReplicaSlices]:
+        if _LEAN.get() and not use_replica_parallel and not enable_pinned_host_transfer:
+            return transfer(arrays, replica_id)
+        return orbax_fn(arrays, replica_id, use_replica_parallel, min_slice_bytes_for_replica_parallel,
+                        max_replicas_for_replica_parallel, enable_pinned_host_transfer=enable_pinned_host_transfer)
+
+    transfer_arrays_to_host.jaxckpt_orbax = orbax_fn  # type: ignore[attr-defined]
+    return transfer_arrays_to_host
+
+
+def compatible(fn: Callable[..., Any]) -> str | None:
+    """None if ``fn`` and Orbax's slice classes are the ones :func:`transfer` stands in for, else why not."""
+    params = tuple(inspect.signature(fn).parameters)
+    if params != EXPECTED_PARAMS:
+        return f"transfer_arrays_to_host{params} is not {EXPECTED_PARAMS}"
+    for cls, fields in EXPECTED_FIELDS.items():
+        have = tuple(getattr(cls, "__dataclass_fields__", {}))
+        if have != fields:
+            return f"{cls.__name__} fields {have} are not {fields}"
+    return None
+
+
+@functools.cache
+def install() -> bool:
+    """Route Orbax's host transfer through :func:`_dispatching` once per process; False if this Orbax differs."""
+    current = rs.transfer_arrays_to_host
+    if hasattr(current, "jaxckpt_orbax"):
+        return True
+    why = compatible(current)
+    if why is not None:
+        logging.getLogger(__name__).warning(
+            "orbax-checkpoint %s: %s; saves use Orbax's own host transfer (slower with many shards)",
+            getattr(ocp, "__version__", "?"), why)
+        return False
+    rs.transfer_arrays_to_host = _dispatching(current)
+    return True
+
+
+class LeanArrayHandler(ocp.type_handlers.ArrayHandler):
+    """Orbax's ``ArrayHandler`` whose saves hand shards to the host with :func:`transfer` (see module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        install()
+
+    async def serialize(self, values: Sequence[jax.Array], infos: Sequence[Any],
+                        args: Sequence[Any] | None = None) -> Any:
+        token = _LEAN.set(True)
+        try:
+            return await super().serialize(values, infos, args)
+        finally:
+            _LEAN.reset(token)

@@ -1,0 +1,137 @@
+"""jaxckpt.d2h: the lean device-to-host step of a save gives exactly what Orbax's own gives, and only
+where jaxckpt's handler saves the case it covers (benchmarks/README.md, §1b)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.serialization import replica_slices as rs
+
+from jaxckpt import d2h
+from jaxckpt.checkpoint import make_manager
+
+
+def orbax_transfer() -> Any:
+    """Orbax's own transfer_arrays_to_host, whether or not jaxckpt routed it through d2h."""
+    fn = rs.transfer_arrays_to_host
+    return getattr(fn, "jaxckpt_orbax", fn)
+
+
+def arrays() -> list[jax.Array]:
+    """Shardings a train state has on 8 devices: split, split on one axis of two, replicated, one device."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+
+    def put(x: np.ndarray, spec: P) -> jax.Array:
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    rng = np.random.default_rng(0)
+    return [
+        put(rng.standard_normal((8, 16), np.float32), P("a", "b")),
+        put(rng.standard_normal((6, 8), np.float32), P(None, "b")),  # each box held by 2 devices
+        put(rng.integers(-9, 9, (4, 3), np.int32), P()),  # on all 8
+        put(jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16), P("a", None)),
+        put(np.float32(3.5), P()),
+        jax.device_put(np.arange(5, dtype=np.int64), jax.devices()[3]),
+    ]
+
+
+@pytest.mark.parametrize("replica_id", [0, 1, None])
+def test_transfer_gives_what_orbax_gives(replica_id: int | None) -> None:
+    xs = arrays()
+    ours = d2h.transfer(xs, replica_id)
+    theirs = orbax_transfer()(xs, replica_id, False)
+    assert len(ours) == len(theirs) == len(xs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a.global_shape, a.local_shape, a.sharding, a.dtype, a.is_on_host) == \
+               (b.global_shape, b.local_shape, b.sharding, b.dtype, b.is_on_host)
+        assert [s.index for s in a.replica_slices] == [s.index for s in b.replica_slices]
+        for s, t in zip(a.replica_slices, b.replica_slices, strict=True):
+            assert isinstance(s.unsliced_data, np.ndarray) and s.slice_args is None
+            assert s.unsliced_data.dtype == t.unsliced_data.dtype
+            assert s.unsliced_data.tobytes() == t.unsliced_data.tobytes()
+    assert sum(len(a.replica_slices) for a in ours) > len(xs)  # the test really covers several shards
+
+
+def test_replica_one_writes_only_the_replicated_boxes_second_copies() -> None:
+    """replica_id picks which copy of a replicated box is written; a split array has only replica 0."""
+    split, half, full, *_ = d2h.transfer(arrays(), 1)
+    assert split.replica_slices == []
+    assert len(half.replica_slices) == 4 and len(full.replica_slices) == 1
+
+
+def test_lean_only_inside_the_handler_and_only_for_the_case_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(d2h, "transfer", lambda xs, rid: calls.append("lean") or [])
+    routed = d2h._dispatching(lambda *a, **k: calls.append("orbax") or [])
+    xs = arrays()[:1]
+    routed(xs, 0, False)
+    token = d2h._LEAN.set(True)
+    try:
+        routed(xs, 0, False)
+        routed(xs, 0, True)  # replica-parallel slicing
+        routed(xs, 0, False, enable_pinned_host_transfer=True)
+    finally:
+        d2h._LEAN.reset(token)
+    assert calls == ["orbax", "lean", "orbax", "orbax"]
+
+
+def _save(manager: ocp.CheckpointManager, tree: dict[str, jax.Array]) -> None:
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree)), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_jaxckpt_saves_use_it_stock_orbax_does_not_and_both_read_back(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    xs = arrays()
+    tree = {f"x{i}": x for i, x in enumerate(xs)}
+    used: list[int] = []
+    lean = d2h.transfer
+    monkeypatch.setattr(d2h, "transfer", lambda a, rid: used.append(len(a)) or lean(a, rid))
+
+    _save(make_manager(tmp_path / "ours"), tree)
+    assert sum(used) == len(xs), "jaxckpt's handler did not hand the shards over through d2h.transfer"
+    handlers = {"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)}
+    _save(ocp.CheckpointManager(tmp_path / "stock", item_handlers=handlers), tree)
+    assert sum(used) == len(xs), "a stock Orbax handler went through d2h.transfer"
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    for name in ("ours", "stock"):
+        back = ocp.PyTreeCheckpointer().restore(tmp_path / name / "1" / "state", args=restore)
+        for k, x in tree.items():
+            assert back[k].sharding == x.sharding
+            assert np.asarray(back[k]).tobytes() == np.asarray(x).tobytes(), (name, k)
+
+
+def test_installed_over_this_orbax() -> None:
+    """The Orbax this suite runs has the function d2h stands in for; a CI on a newer one says so here."""
+    assert d2h.compatible(orbax_transfer()) is None
+    assert d2h.install() and hasattr(rs.transfer_arrays_to_host, "jaxckpt_orbax")
+
+
+def test_another_orbax_keeps_its_own_function(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    def transfer_arrays_to_host(arrays: Any, replica_id: Any, *, new_option: bool = False) -> Any:
+        return []
+
+    monkeypatch.setattr(rs, "transfer_arrays_to_host", transfer_arrays_to_host)
+    d2h.install.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxckpt.d2h"):
+            assert d2h.install() is False
+        assert rs.transfer_arrays_to_host is transfer_arrays_to_host
+        assert "new_option" in caplog.text and "Orbax's own host transfer" in caplog.text
+    finally:
+        monkeypatch.undo()
+        d2h.install.cache_clear()
+    assert d2h.install()
