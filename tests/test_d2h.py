@@ -36,6 +36,7 @@ def arrays() -> list[jax.Array]:
     rng = np.random.default_rng(0)
     return [
         put(rng.standard_normal((8, 16), np.float32), P("a", "b")),
+        put(rng.standard_normal((8, 16), np.float32), P("b", "a")),  # same shape, other boxes
         put(rng.standard_normal((6, 8), np.float32), P(None, "b")),  # each box held by 2 devices
         put(rng.integers(-9, 9, (4, 3), np.int32), P()),  # on all 8
         put(jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16), P("a", None)),
@@ -61,10 +62,21 @@ def test_transfer_gives_what_orbax_gives(replica_id: int | None) -> None:
     assert sum(len(a.replica_slices) for a in ours) > len(xs)  # the test really covers several shards
 
 
+def test_transfer_reuses_its_plan_for_new_arrays_of_the_same_shardings() -> None:
+    """The second save's arrays are new objects with other bytes; the plan kept from the first still fits."""
+    d2h.transfer(arrays(), 0)
+    xs = [x * 2 for x in arrays()]
+    ours, theirs = d2h.transfer(xs, 0), orbax_transfer()(xs, 0, False)
+    for a, b in zip(ours, theirs, strict=True):
+        assert [s.index for s in a.replica_slices] == [s.index for s in b.replica_slices]
+        assert [s.unsliced_data.tobytes() for s in a.replica_slices] == \
+               [s.unsliced_data.tobytes() for s in b.replica_slices]
+
+
 def test_replica_one_writes_only_the_replicated_boxes_second_copies() -> None:
     """replica_id picks which copy of a replicated box is written; a split array has only replica 0."""
-    split, half, full, *_ = d2h.transfer(arrays(), 1)
-    assert split.replica_slices == []
+    split, split2, half, full, *_ = d2h.transfer(arrays(), 1)
+    assert split.replica_slices == split2.replica_slices == []
     assert len(half.replica_slices) == 4 and len(full.replica_slices) == 1
 
 
