@@ -10,8 +10,9 @@ the save blocked training (benchmarks/README.md, §1b).
 same ``ReplicaSlices`` with one batched ``jax.copy_to_host_async``. That covers only what jaxckpt
 configures: each shard written whole by one replica, no replica-parallel slicing, no pinned-host copies.
 Everything else, every other handler (stock Orbax in the same process) and any Orbax whose function
-does not have the signature this was written against use Orbax's own function. The files written are
-byte for byte the same (tests/test_d2h.py).
+does not have the signature this was written against use Orbax's own function. Orbax then writes the
+same shards to the same places: tests/test_d2h.py checks the slices against Orbax's own, and reads a
+save back with plain Orbax, bit for bit.
 """
 
 from __future__ import annotations
