@@ -6,6 +6,7 @@
     python benchmarks/checkpoint.py --variants jaxckpt,zarr3,target64m,io-sync-off   # experiments
     python benchmarks/checkpoint.py --list-variants
     python benchmarks/checkpoint.py --devices 8 --phases 6   # where one restore's time goes (6 in a row)
+    python benchmarks/checkpoint.py --devices 8 --saves 6    # also: blocking of the 5 saves after the first
 
 The state is jaxckpt's own train state (params + AdamW moments + step + rng, created sharded by
 ``jaxckpt.state.create_state`` for a GPT-style config sized to ``--gb``), filled with random values so
@@ -16,7 +17,9 @@ save and restore; medians over repetitions are reported. GB = 1e9 bytes.
 Save: *blocking* = time ``CheckpointManager.save()`` holds the caller; *durable* = from ``save()`` to
 ``wait_until_finished()`` plus an fsync of every file and directory of the checkpoint and its parent
 (TensorStore fsyncs its data files itself, but Orbax writes its metadata files and renames the
-directories without fsync; the fsync pass is timed and shown on its own).
+directories without fsync; the fsync pass is timed and shown on its own). The table times the first save
+in its process; with ``--saves N`` the same process then saves N-1 more times (new jax.Array objects over the
+same buffers, each waited for) and a line gives their blocking, as later saves of a training run would see it.
 Restore: into the target shardings (ShapeDtypeStructs with NamedShardings), in a fresh process:
 a first restore (page cache warm from the save), then *cold* (after ``echo 3 > drop_caches``, or
 ``posix_fadvise(DONTNEED)`` on every checkpoint file if that is not permitted), then *warm* again:
@@ -343,6 +346,7 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     benchlib.fsync_tree(directory / "1")
     t3, out["cpu_s"] = time.perf_counter(), time.process_time() - c0
     out["peak_rss_mb"] = benchlib.proc_status_mb("VmHWM")
+    out["later_blocking_s"] = later_saves(mgr, variant, state, args.saves)
     mgr.close()
     if variant.manifest and integrity is not None:
         t4 = time.perf_counter()
@@ -350,6 +354,24 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
         out["manifest_s"] = time.perf_counter() - t4
     out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0,
                disk_bytes=benchlib.dir_bytes(directory / "1"))
+    return out
+
+
+def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: int) -> list[float]:
+    """Blocking seconds of saves 2..n in this process, each waited for before the next. Each saves new
+    jax.Array objects over the same buffers, as a train step hands the Checkpointer new arrays every time."""
+    out = []
+    for step in range(2, n + 1):
+        fresh = jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+            x.shape, x.sharding, [s.data for s in x.addressable_shards]), state)
+        gc.collect()
+        t0 = time.perf_counter()
+        with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
+            mgr.save(step, args=ocp.args.Composite(state=variant.save(fresh), meta=ocp.args.JsonSave({"step": step})),
+                     force=True)
+        out.append(time.perf_counter() - t0)
+        mgr.wait_until_finished()
+        mgr.delete(step)
     return out
 
 
@@ -569,7 +591,8 @@ def run_json_worker(cmd: list[str], label: str) -> dict[str, Any]:
 
 def run_worker(phase: str, args: argparse.Namespace, directory: Path, variant: str = "") -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", phase, "--dir", str(directory),
-           "--gb", str(args.gb), "--devices", str(args.devices), "--variant", variant or "jaxckpt"]
+           "--gb", str(args.gb), "--devices", str(args.devices), "--variant", variant or "jaxckpt",
+           "--saves", str(args.saves)]
     return run_json_worker(cmd, f"{phase} {variant}")
 
 
@@ -812,6 +835,17 @@ def restore_rows(results: dict[str, list[dict[str, Any]]], gb: float, state_mb: 
     return lines
 
 
+def later_saves_note(results: dict[str, list[dict[str, Any]]], gb: float) -> list[str]:
+    """One line: the blocking of the saves after the first in each save process (``--saves``)."""
+    parts = []
+    for name, rows in results.items():
+        later = [t for r in rows for t in r.get("later_blocking_s", [])]
+        if later:
+            parts.append(f"{name} median {statistics.median(later) / gb:.3f} s/GB "
+                         f"({min(later):.3f}-{max(later):.3f} s, {len(later)} saves)")
+    return ["saves 2 and later in the same process (new array objects each): " + "; ".join(parts)] if parts else []
+
+
 def warm_trials_note(results: dict[str, list[dict[str, Any]]]) -> str:
     """Every warm restore behind the table's medians, per variant and repetition."""
     labels = {"numpy": "np.load", "torch": "torch.load", "dcp": "dcp.load"}
@@ -836,6 +870,7 @@ def report(args: argparse.Namespace, root: Path, nbytes: int, n_leaves: int,
         f"machine: {os.cpu_count()} CPUs, load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
         *save_rows(results, gb, state_mb),
+        *later_saves_note(results, gb),
         "",
         *restore_rows(results, gb, state_mb),
         warm_trials_note(results),
@@ -864,6 +899,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-python", default=None, metavar="PATH",
                    help="interpreter with torch for the torch.save/DCP rows (benchmarks/torch_ckpt.py); default: "
                         "the repo's .venv-torch/bin/python if it exists, else this one if it has torch; 'none' skips")
+    p.add_argument("--saves", type=int, default=1, metavar="N",
+                   help="saves per save process: the table times the first; saves 2..N (a training run's later "
+                        "saves) get a line of their own")
     p.add_argument("--phases", type=int, default=0, metavar="N",
                    help="instead of the comparison: save once, then time fastread.restore's phases over N "
                         "restores in this process (restore 1 is the first in the process)")

@@ -129,3 +129,15 @@ def test_checkpoint_phases_time_every_part_of_a_restore(tmp_path: Path) -> None:
         assert all(p >= 0 for p in phases) and phases[2] > 0  # the read took time
         assert abs(total - sum(phases) - other) < 2e-3  # the columns add up (each printed to 1 ms)
     assert list(tmp_path.iterdir()) == []  # the scratch checkpoint is gone
+
+
+def test_checkpoint_saves_times_the_later_saves_of_one_process(tmp_path: Path) -> None:
+    """``--saves 3``: the save worker times two more saves after the first and leaves only the first on disk."""
+    d = tmp_path / "ckpt"
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "checkpoint.py"), "--worker", "save",
+                          "--dir", str(d), "--gb", "0.01", "--devices", "2", "--variant", "jaxckpt", "--saves", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(row["later_blocking_s"]) == 2 and all(0 < t < 60 for t in row["later_blocking_s"])
+    assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["1"]
