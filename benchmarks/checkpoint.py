@@ -333,12 +333,10 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     state = build_state(args.gb)
     out: dict[str, Any] = {"state_bytes": tree_bytes(state), "checksum": checksum(state), "baseline_mb": baseline}
     mgr = variant.manager(directory)
-    meta = {"step": 1, "note": "benchmark"}
     gc.collect()
     benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
-        mgr.save(1, args=ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave(meta)), force=True)
+    start_save(mgr, variant, 1, state)
     t1 = time.perf_counter()
     mgr.wait_until_finished()
     t2 = time.perf_counter()
@@ -357,6 +355,13 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def start_save(mgr: ocp.CheckpointManager, variant: Variant, step: int, state: PyTree) -> None:
+    """``mgr.save`` of ``state`` + a small meta item, as the variant saves (under the GC pause if it has one)."""
+    meta = ocp.args.JsonSave({"step": step, "note": "benchmark"})
+    with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
+        mgr.save(step, args=ocp.args.Composite(state=variant.save(state), meta=meta), force=True)
+
+
 def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: int) -> list[float]:
     """Blocking seconds of saves 2..n in this process, each waited for before the next. Each saves new
     jax.Array objects over the same buffers, as a train step hands the Checkpointer new arrays every time."""
@@ -366,9 +371,7 @@ def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: 
             x.shape, x.sharding, [s.data for s in x.addressable_shards]), state)
         gc.collect()
         t0 = time.perf_counter()
-        with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
-            mgr.save(step, args=ocp.args.Composite(state=variant.save(fresh), meta=ocp.args.JsonSave({"step": step})),
-                     force=True)
+        start_save(mgr, variant, step, fresh)
         out.append(time.perf_counter() - t0)
         mgr.wait_until_finished()
         mgr.delete(step)
