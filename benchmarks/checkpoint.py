@@ -548,9 +548,9 @@ def restore_phases(args: argparse.Namespace, root: Path, abstract: PyTree) -> st
             gc.collect()
             t0 = time.perf_counter()
             jax.block_until_ready(fastread.restore(root / "phases" / "1" / "state", abstract))
-            total = time.perf_counter() - t0
-            lines.append(f"| {i + 1} | {total:.3f} | " + " | ".join(f"{spent.get(n, 0):.3f}" for n in PHASES)
-                         + f" | {total - sum(spent.values()):.3f} |")
+            ms = [round(x * 1e3) for x in (time.perf_counter() - t0, *(spent.get(n, 0.0) for n in PHASES))]
+            ms.append(ms[0] - sum(ms[1:]))  # "other" from the printed values, so the columns add up exactly
+            lines.append(f"| {i + 1} | " + " | ".join(f"{x / 1e3:.3f}" for x in ms) + " |")
     finally:
         for name, fn in originals.items():
             setattr(fastread, name, fn)
