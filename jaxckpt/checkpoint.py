@@ -114,11 +114,69 @@ def read_meta(directory: Path, step: int) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+class FrozenIterator:
+    """A Grain iterator's state as of now. Grain's ``CheckpointHandler`` saves it exactly as it would the
+    iterator (the same JSON file), however far the iterator has moved on by the time the save runs."""
+
+    def __init__(self, iterator: Any):
+        state = iterator.get_state()
+        # Grain's handler writes json.dumps(state, indent=4) for a DatasetIterator, else state.decode().
+        self._state = json.dumps(state, indent=4).encode() if isinstance(iterator, grain.DatasetIterator) else state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class SaveStart:
+    """``manager.save(step, args)`` run on a thread once the state's bytes are on the host.
+
+    The caller waits only for :class:`jaxckpt.d2h.Snapshot`; the rest of what Orbax does before its
+    writes begin (per-array bookkeeping, directories, metadata: most of the blocking time with many
+    shards, benchmarks/README.md §1b) runs beside the next train steps. ``args`` must hold nothing the
+    caller changes later: :class:`FrozenIterator` for the data, a copied ``meta``. Only for one process
+    (see :func:`starts_in_background`). Until :meth:`join` returns, nothing else may use the manager.
+    """
+
+    def __init__(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite, state: PyTree):
+        self.error: BaseException | None = None
+        self._snapshot = d2h.Snapshot(state)
+        self._thread = threading.Thread(target=self._run, args=(manager, step, args), name="jaxckpt-save-start")
+        self._thread.start()
+
+    def _run(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+        try:
+            manager.save(step, args=args, force=True)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by join()
+            self.error = e
+        finally:
+            self._snapshot.release()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, reraise: bool = True) -> None:
+        """Wait until Orbax's save call has returned; re-raise its error, if any and ``reraise``."""
+        self._thread.join()
+        if self.error is not None and reraise:
+            raise self.error
+
+
+def starts_in_background(state: PyTree) -> bool:
+    """Whether a save of ``state`` may return before Orbax's ``save`` does (:class:`SaveStart`).
+
+    Not with several processes: Orbax's save synchronises them with device collectives
+    (``sync_global_devices``), which must not interleave with the train step's own. Not for trees with
+    leaves the snapshot does not take (:func:`jaxckpt.d2h.snapshot_covers`).
+    """
+    return not distributed.is_multiprocess() and d2h.snapshot_covers(state)
+
+
 @dataclass
 class _Pending:
     step: int
     t0: float
     blocking: float
+    start: SaveStart | None = None  # Orbax's save call, while it runs on a thread
     finalizer: threading.Thread | None = None
     error: BaseException | None = None
     durable_at: float | None = None  # when the manifest was written (the step may be noticed later)
@@ -146,6 +204,8 @@ class Checkpointer:
 
     # -- queries ---------------------------------------------------------------------------
     def steps(self) -> list[int]:
+        if self._pending is not None and self._pending.start is not None:
+            self._pending.start.join(reraise=False)  # the manager is not to be used while Orbax's save runs
         return sorted(self.manager.all_steps())
 
     def complete_steps(self) -> list[int]:
@@ -165,21 +225,25 @@ class Checkpointer:
         """Start saving ``step``; returns the seconds the caller was blocked."""
         self.wait()
         t0 = time.perf_counter()
-        args = ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state, ocdbt_target_data_file_size=OCDBT_TARGET_FILE_BYTES),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta),
-        )
         self.schedule.saved(step)
+        start = None
         try:
+            args = ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state, ocdbt_target_data_file_size=OCDBT_TARGET_FILE_BYTES),
+                data=grain.checkpoint.CheckpointSave(FrozenIterator(data_iter)),
+                meta=ocp.args.JsonSave(json.loads(json.dumps(meta))),
+            )
             with gc_paused():
-                self.manager.save(step, args=args, force=True)
+                if self.cfg.async_save and starts_in_background(state):
+                    start = SaveStart(self.manager, step, args, state)
+                else:
+                    self.manager.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 - any failure here is a failed save
             self._failed(step, e)
             return time.perf_counter() - t0
         blocking = time.perf_counter() - t0
         self._metrics[step] = dict(meta.get("metrics", {}))
-        self._pending = _Pending(step, t0, blocking)
+        self._pending = _Pending(step, t0, blocking, start)
         self.last_blocking_s = blocking
         if not self.cfg.async_save:
             self.wait()
@@ -216,6 +280,10 @@ class Checkpointer:
         """Once Orbax committed ``p``: start the manifest thread (process 0). False if not committed yet."""
         if p.finalizer is not None:
             return True
+        if p.start is not None:
+            if not p.start.done():
+                return False
+            p.start.join()
         if self.manager.is_saving_in_progress():
             return False
         self.manager.check_for_errors()
@@ -247,6 +315,8 @@ class Checkpointer:
         if p is None:
             return
         try:
+            if p.start is not None:
+                p.start.join()
             self.manager.wait_until_finished()
             self._start_finalizer(p)
         except Exception as e:  # noqa: BLE001

@@ -40,6 +40,8 @@ EXPECTED_FIELDS = {rs.ReplicaSlice: ("index", "unsliced_data", "slice_args"),
 
 Plan = tuple[tuple[int, ...], tuple[tuple[int, Any], ...]]
 _PLANS: dict[tuple[Any, tuple[int, ...], int | None], Plan] = {}
+# id(array) -> (array, replica_id, its host copies), while a Snapshot of it is live.
+_SNAPSHOTS: dict[int, tuple[jax.Array, int | None, rs.ReplicaSlices]] = {}
 
 
 def _plan(arr: jax.Array, replica_id: int | None) -> Plan:
@@ -62,7 +64,19 @@ def _plan(arr: jax.Array, replica_id: int | None) -> Plan:
 
 def transfer(arrays: Sequence[jax.Array], replica_id: int | None) -> list[rs.ReplicaSlices]:
     """What Orbax's ``transfer_arrays_to_host`` returns without replica-parallel or pinned-host transfer:
-    per array, the shards of one replica (``replica_id``, or the first shard's), on the host."""
+    per array, the shards of one replica (``replica_id``, or the first shard's), on the host. Arrays of a
+    live :class:`Snapshot` for the same replica get the host copies it took."""
+    taken = [_SNAPSHOTS.get(id(arr)) for arr in arrays]
+    taken = [t[2] if t is not None and t[0] is arr and t[1] == replica_id else None
+             for arr, t in zip(arrays, taken, strict=True)]
+    fresh = iter(_copy_to_host([arr for arr, t in zip(arrays, taken, strict=True) if t is None], replica_id))
+    return [t if t is not None else next(fresh) for t in taken]
+
+
+def _copy_to_host(arrays: Sequence[jax.Array], replica_id: int | None) -> list[rs.ReplicaSlices]:
+    """:func:`transfer` for arrays without a snapshot: one batched ``jax.copy_to_host_async``."""
+    if not arrays:
+        return []
     plans = [_plan(arr, replica_id) for arr in arrays]
     picked = [[(index, arr.addressable_data(i)) for i, index in picks]
               for arr, (_, picks) in zip(arrays, plans, strict=True)]
@@ -74,6 +88,33 @@ def transfer(arrays: Sequence[jax.Array], replica_id: int | None) -> list[rs.Rep
         out.append(rs.ReplicaSlices(global_shape=arr.shape, local_shape=local_shape, sharding=arr.sharding,
                                     dtype=arr.dtype, is_on_host=True, replica_slices=slices))
     return out
+
+
+def snapshot_covers(tree: Any) -> bool:
+    """Whether :class:`Snapshot` takes everything a save of ``tree`` reads from memory: every leaf a
+    ``jax.Array`` (no numpy or Python values, which the caller could change) and none a typed PRNG key
+    (Orbax saves its ``key_data``, a new array)."""
+    leaves = jax.tree.leaves(tree)
+    return all(isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+               for x in leaves)
+
+
+class Snapshot:
+    """Host copies of every array in ``tree``, taken now; a lean save of those same array objects (same
+    replica) writes these copies instead of reading the devices again, so the arrays may be donated or
+    deleted once this returns. Orbax then needs only their shape, dtype and sharding."""
+
+    def __init__(self, tree: Any, replica_id: int | None = 0):
+        arrays = jax.tree.leaves(tree)
+        self._ids = [id(arr) for arr in arrays]
+        for arr, slices in zip(arrays, _copy_to_host(arrays, replica_id), strict=True):
+            _SNAPSHOTS[id(arr)] = (arr, replica_id, slices)
+
+    def release(self) -> None:
+        """Drop the copies (the save has handed them to Orbax, or failed)."""
+        for i in self._ids:
+            _SNAPSHOTS.pop(i, None)
+        self._ids = []
 
 
 def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:

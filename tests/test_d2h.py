@@ -80,6 +80,27 @@ def test_replica_one_writes_only_the_replicated_boxes_second_copies() -> None:
     assert len(half.replica_slices) == 4 and len(full.replica_slices) == 1
 
 
+def test_a_snapshot_stands_in_for_its_arrays_until_released() -> None:
+    """Taken, then the arrays deleted (as a donating train step may): transfer of those same objects for the
+    same replica gives the snapshot's copies, byte for byte what Orbax read before; other arrays, other
+    replicas and a released snapshot go to the devices again."""
+    xs = arrays()
+    expected = orbax_transfer()(xs, 0, False)
+    others = arrays()
+    snap = d2h.Snapshot(xs, replica_id=0)
+    assert all(d2h._SNAPSHOTS[id(x)][0] is x for x in xs)
+    assert_same_slices(d2h.transfer(xs[:2], 1), orbax_transfer()(xs[:2], 1, False))  # another replica: fresh
+    for x in xs:
+        x.delete()
+    mixed = d2h.transfer([xs[0], others[1], *xs[1:]], 0)  # a fresh array between snapshotted ones
+    assert_same_slices([mixed[0], *mixed[2:]], expected)
+    assert_same_slices([mixed[1]], orbax_transfer()(others[1:2], 0, False))
+    snap.release()
+    assert not any(id(x) in d2h._SNAPSHOTS for x in xs)
+    with pytest.raises(RuntimeError, match="deleted"):
+        d2h.transfer(xs[:1], 0)
+
+
 def test_lean_only_inside_the_handler_and_only_for_the_case_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
 
