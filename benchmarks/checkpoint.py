@@ -172,6 +172,8 @@ class Variant:
     fast_restore: bool = False  # restore the state with jaxckpt.fastread (the trainer's default), not Orbax
     gc_paused: bool = False  # save under jaxckpt.checkpoint.gc_paused, as jaxckpt's Checkpointer does
     orbax_d2h: bool = False  # hand shards to the host with Orbax's own ArrayHandler, not jaxckpt.d2h's
+    background: bool = False  # return once the bytes are on the host (jaxckpt.checkpoint.SaveStart), as the
+    #                           Checkpointer does on one process; Orbax's save call then runs on a thread
 
 
 def _restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
@@ -229,7 +231,11 @@ VARIANTS: dict[str, Variant] = {
     "jaxckpt": Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTreeRestore)", make_manager,
                        _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
                        _restore_args, manifest=True, fast_restore=fastread is not None,
-                       gc_paused=hasattr(ckpt_lib, "gc_paused")),
+                       gc_paused=hasattr(ckpt_lib, "gc_paused"), background=hasattr(ckpt_lib, "SaveStart")),
+    "jaxckpt-sync-start": Variant("jaxckpt as shipped, but save() returns when Orbax's save call does "
+                                  "(no jaxckpt.checkpoint.SaveStart thread)", make_manager,
+                                  _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
+                                  _restore_args, manifest=True, fast_restore=True, gc_paused=True),
     "jaxckpt-orbax-d2h": Variant("jaxckpt as shipped, but Orbax's own device-to-host step (no jaxckpt.d2h)",
                                  make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
                                  _restore_args, manifest=True, fast_restore=True, gc_paused=True, orbax_d2h=True),
@@ -336,9 +342,9 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    start_save(mgr, variant, 1, state)
+    start = start_save(mgr, variant, 1, state)
     t1 = time.perf_counter()
-    mgr.wait_until_finished()
+    finish_save(mgr, start)
     t2 = time.perf_counter()
     out["dirty_after_wait_mb"] = benchlib.dirty_mb()
     benchlib.fsync_tree(directory / "1")
@@ -355,11 +361,22 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def start_save(mgr: ocp.CheckpointManager, variant: Variant, step: int, state: PyTree) -> None:
-    """``mgr.save`` of ``state`` + a small meta item, as the variant saves (under the GC pause if it has one)."""
-    meta = ocp.args.JsonSave({"step": step, "note": "benchmark"})
+def start_save(mgr: ocp.CheckpointManager, variant: Variant, step: int, state: PyTree) -> Any:
+    """``mgr.save`` of ``state`` + a small meta item, as the variant saves (under the GC pause if it has one).
+    Returns the ``SaveStart`` of a background variant, else None."""
+    args = ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave({"step": step, "note": "benchmark"}))
     with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
-        mgr.save(step, args=ocp.args.Composite(state=variant.save(state), meta=meta), force=True)
+        if variant.background:
+            return ckpt_lib.SaveStart(mgr, step, args, state)
+        mgr.save(step, args=args, force=True)
+    return None
+
+
+def finish_save(mgr: ocp.CheckpointManager, start: Any) -> None:
+    """Until Orbax has written everything (its save call first, where it runs on a thread)."""
+    if start is not None:
+        start.join()
+    mgr.wait_until_finished()
 
 
 def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: int) -> list[float]:
@@ -371,9 +388,9 @@ def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: 
             x.shape, x.sharding, [s.data for s in x.addressable_shards]), state)
         gc.collect()
         t0 = time.perf_counter()
-        start_save(mgr, variant, step, fresh)
+        start = start_save(mgr, variant, step, fresh)
         out.append(time.perf_counter() - t0)
-        mgr.wait_until_finished()
+        finish_save(mgr, start)
         mgr.delete(step)
     return out
 

@@ -194,7 +194,10 @@ class Watcher(threading.Thread):
             if self.t0 is None:
                 return
             now = time.perf_counter() - self.t0
-            if self.commit is None and not self.ckpt.manager.is_saving_in_progress():
+            # Orbax's save call may still be starting on jaxckpt's SaveStart thread: not committed before it returns
+            start = getattr(getattr(self.ckpt, "_pending", None), "start", None)
+            if self.commit is None and (start is None or start.done()) and \
+                    not self.ckpt.manager.is_saving_in_progress():
                 self.commit = now
             finalizer = getattr(getattr(self.ckpt, "_pending", None), "finalizer", None)
             # ident is None until the thread runs: a created-but-not-started finalizer is not "done"
