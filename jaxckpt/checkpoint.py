@@ -185,8 +185,9 @@ class _Pending:
 class Checkpointer:
     """Save policy, retention, integrity manifests and exact restore around one ``CheckpointManager``.
 
-    A save goes: Orbax async write + commit -> (background) fsync + checksum manifest -> retention.
-    Only steps with a manifest count as complete.
+    A save goes: host snapshot (the only part that blocks, :class:`SaveStart`) -> Orbax's save call and
+    async write + commit -> (background) fsync + checksum manifest -> retention. Only steps with a
+    manifest count as complete.
     """
 
     def __init__(self, directory: Path, cfg: CheckpointConfig, clock: Clock = time.monotonic,
