@@ -53,7 +53,7 @@ def _type_handlers() -> Any:
     from orbax.checkpoint._src.serialization import type_handler_registry as thr
 
     array = d2h.LeanArrayHandler(
-        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+        replica_id=d2h.REPLICA_ID, use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
     )
     defaults = [(t, h) for t, h in thr._DEFAULT_TYPE_HANDLERS if t is not jax.Array]  # noqa: SLF001
     return thr.create_type_handler_registry(*defaults, (jax.Array, array))

@@ -38,6 +38,8 @@ EXPECTED_FIELDS = {rs.ReplicaSlice: ("index", "unsliced_data", "slice_args"),
                                       "replica_slices")}
 
 
+# The replica whose shards jaxckpt's handler writes (Orbax's default); a Snapshot is taken for it.
+REPLICA_ID = 0
 Plan = tuple[tuple[int, ...], tuple[tuple[int, Any], ...]]
 _PLANS: dict[tuple[Any, tuple[int, ...], int | None], Plan] = {}
 # id(array) -> (array, replica_id, its host copies), while a Snapshot of it is live.
@@ -104,7 +106,7 @@ class Snapshot:
     replica) writes these copies instead of reading the devices again, so the arrays may be donated or
     deleted once this returns. Orbax then needs only their shape, dtype and sharding."""
 
-    def __init__(self, tree: Any, replica_id: int | None = 0):
+    def __init__(self, tree: Any, replica_id: int | None = REPLICA_ID):
         arrays = jax.tree.leaves(tree)
         self._ids = [id(arr) for arr in arrays]
         for arr, slices in zip(arrays, _copy_to_host(arrays, replica_id), strict=True):
