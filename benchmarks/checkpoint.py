@@ -70,7 +70,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,19 +226,18 @@ def _lib(about: str, ctx: dict[str, Any] | None = None, aligned: bool = False, *
 
 
 T64 = 64 * MiB
+JAXCKPT = Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTreeRestore)", make_manager,
+                  _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
+                  _restore_args, manifest=True, fast_restore=fastread is not None,
+                  gc_paused=hasattr(ckpt_lib, "gc_paused"), background=hasattr(ckpt_lib, "SaveStart"))
 VARIANTS: dict[str, Variant] = {
     # Picks up jaxckpt.checkpoint.OCDBT_TARGET_FILE_BYTES if the library defines it (proposed in README.md).
-    "jaxckpt": Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTreeRestore)", make_manager,
-                       _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
-                       _restore_args, manifest=True, fast_restore=fastread is not None,
-                       gc_paused=hasattr(ckpt_lib, "gc_paused"), background=hasattr(ckpt_lib, "SaveStart")),
-    "jaxckpt-sync-start": Variant("jaxckpt as shipped, but save() returns when Orbax's save call does "
-                                  "(no jaxckpt.checkpoint.SaveStart thread)", make_manager,
-                                  _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
-                                  _restore_args, manifest=True, fast_restore=True, gc_paused=True),
-    "jaxckpt-orbax-d2h": Variant("jaxckpt as shipped, but Orbax's own device-to-host step (no jaxckpt.d2h)",
-                                 make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
-                                 _restore_args, manifest=True, fast_restore=True, gc_paused=True, orbax_d2h=True),
+    "jaxckpt": JAXCKPT,
+    "jaxckpt-sync-start": replace(JAXCKPT, background=False, about="jaxckpt as shipped, but save() returns when "
+                                  "Orbax's save call does (no jaxckpt.checkpoint.SaveStart thread)"),
+    # Without jaxckpt.d2h there is no snapshot for Orbax's call to take, so no SaveStart either.
+    "jaxckpt-orbax-d2h": replace(JAXCKPT, background=False, orbax_d2h=True, about="jaxckpt-sync-start, but with "
+                                 "Orbax's own device-to-host step (no jaxckpt.d2h)"),
     "jaxckpt-orbax-read": Variant("jaxckpt's save (no GC pause); restore through Orbax (fast_restore=false)",
                                   make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
                                   _restore_args, manifest=True),
