@@ -64,6 +64,7 @@ def test_the_save_writes_the_state_as_of_its_return(tmp_path: Path) -> None:
     the checkpoint still holds the bits, data position and meta of the moment save() returned."""
     host = host_state(3)
     state, it = on_devices(host), iterator()
+    target = abstract_of(state)
     for _ in range(7):
         next(it)
     meta = {"step": 3, "metrics": {"loss": 1.5}}
@@ -81,10 +82,10 @@ def test_the_save_writes_the_state_as_of_its_return(tmp_path: Path) -> None:
         assert ckpt.complete_steps() == [3]
         assert ckpt.meta(3)["metrics"] == {"loss": 1.5}
         it2 = iterator()
-        restored = ckpt.restore(3, abstract_of(on_devices(host)), it2)
+        restored = ckpt.restore(3, target, it2)
     assert next(it2) == 7
     for k, v in host.items():
-        assert restored[k].sharding == on_devices(host)[k].sharding
+        assert restored[k].sharding == target[k].sharding
         assert np.asarray(restored[k]).tobytes() == np.asarray(v).tobytes()
     assert not d2h._SNAPSHOTS  # the host copies were let go
 
