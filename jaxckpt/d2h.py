@@ -13,6 +13,10 @@ Everything else, every other handler (stock Orbax in the same process) and any O
 does not have the signature this was written against use Orbax's own function. Orbax then writes the
 same shards to the same places: tests/test_d2h.py checks the slices against Orbax's own, and reads a
 save back with plain Orbax, bit for bit.
+
+A :class:`Snapshot` takes those host copies before Orbax's save call begins, so that the call can run on
+a thread while training goes on (``jaxckpt.checkpoint.SaveStart``): :func:`transfer` then hands Orbax the
+snapshot's copies of those same array objects.
 """
 
 from __future__ import annotations
