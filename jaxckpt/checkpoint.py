@@ -177,6 +177,7 @@ class _Pending:
     t0: float
     blocking: float
     start: SaveStart | None = None  # Orbax's save call, while it runs on a thread
+    checksums: integrity.EarlyChecksums | None = None  # CRC32s taken in wait() while Orbax still writes
     finalizer: threading.Thread | None = None
     error: BaseException | None = None
     durable_at: float | None = None  # when the manifest was written (the step may be noticed later)
@@ -252,6 +253,8 @@ class Checkpointer:
 
     def _failed(self, step: int, e: BaseException) -> None:
         """Turn a failed save into a clear message; remove its uncommitted leftovers."""
+        if self._pending is not None and self._pending.checksums is not None:
+            self._pending.checksums.stop()
         self._pending = None
         if jax.process_index() == 0:
             for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
@@ -272,7 +275,8 @@ class Checkpointer:
 
     def _finalize(self, pending: _Pending) -> None:
         try:
-            integrity.write_manifest(self.step_dir(pending.step))
+            known = pending.checksums.stop() if pending.checksums is not None else None
+            integrity.write_manifest(self.step_dir(pending.step), known)
             pending.durable_at = time.perf_counter()
         except BaseException as e:  # noqa: BLE001 - reported on the main thread
             pending.error = e
@@ -315,6 +319,11 @@ class Checkpointer:
         p = self._pending
         if p is None:
             return
+        if p.finalizer is None and jax.process_index() == 0:
+            # The caller waits anyway, so the cores are free: checksum the files Orbax has finished
+            # while it writes the rest. (Beside training it would take CPU from the train steps.)
+            p.checksums = integrity.EarlyChecksums(
+                lambda: self.directory.glob(f"{p.step}.orbax-checkpoint-tmp*")).start()
         try:
             if p.start is not None:
                 p.start.join()
