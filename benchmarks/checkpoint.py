@@ -360,8 +360,7 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     mgr.close()
     if variant.manifest and integrity is not None:
         t4 = time.perf_counter()
-        integrity.write_manifest(directory / "1", known) if known is not None else integrity.write_manifest(
-            directory / "1")
+        integrity.write_manifest(directory / "1", *([known] if known is not None else []))  # older libs: 1 arg
         out["manifest_s"] = time.perf_counter() - t4
     out.update(blocking_s=t1 - t0, wait_s=t2 - t0, fsync_s=t3 - t2, durable_s=t3 - t0,
                disk_bytes=benchlib.dir_bytes(directory / "1"))

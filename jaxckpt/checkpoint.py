@@ -319,7 +319,7 @@ class Checkpointer:
         p = self._pending
         if p is None:
             return
-        if p.finalizer is None and jax.process_index() == 0:
+        if self.cfg.async_save and p.finalizer is None and jax.process_index() == 0:
             # The caller waits anyway, so the cores are free: checksum the files Orbax has finished
             # while it writes the rest. (Beside training it would take CPU from the train steps.)
             p.checksums = integrity.EarlyChecksums(

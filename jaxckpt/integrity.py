@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MANIFEST = "jaxckpt_manifest.json"
-Version = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns: one version of a file's bytes
+FileVersion = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns: one version of a file's bytes
 CRC_WINDOW = 16 << 20  # bytes of a file mapped at a time: mapped pages count in the process's RSS
 
 
@@ -43,7 +43,7 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(4, os.cpu_count() or 1))
 
 
-def _version(st: os.stat_result) -> Version:
+def _version(st: os.stat_result) -> FileVersion:
     """Renaming a file or a directory above it keeps all four; any write changes the mtime."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -60,8 +60,8 @@ class EarlyChecksums:
 
     def __init__(self, roots: Callable[[], Iterable[Path]], poll_s: float = 0.05):
         self._roots, self._poll_s = roots, poll_s
-        self._seen: dict[Path, Version] = {}
-        self.crcs: dict[Version, int] = {}
+        self._seen: dict[Path, FileVersion] = {}
+        self.crcs: dict[FileVersion, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jaxckpt-early-crc", daemon=True)
 
@@ -97,7 +97,7 @@ class EarlyChecksums:
             if _version(path.stat()) == version:
                 self.crcs[version] = crc
 
-    def stop(self) -> dict[Version, int]:
+    def stop(self) -> dict[FileVersion, int]:
         """Stop sweeping; the checksums taken so far, by file version."""
         self._stop.set()
         if self._thread.ident is not None:
@@ -128,7 +128,7 @@ def fsync_tree(root: Path) -> None:
     fsync_dir(root.parent)
 
 
-def write_manifest(step_dir: Path, known: dict[Version, int] | None = None) -> int:
+def write_manifest(step_dir: Path, known: dict[FileVersion, int] | None = None) -> int:
     """Make the step's files durable, then record their sizes and CRC32s; returns bytes covered.
 
     ``known``: checksums already taken (:class:`EarlyChecksums`), used for files still at that version.

@@ -97,7 +97,7 @@ def test_checkpointer_checksums_early_only_while_its_caller_waits(tmp_path: Path
             made.append(self)
             return super().start()
 
-    handed: list[dict[integrity.Version, int] | None] = []
+    handed: list[dict[integrity.FileVersion, int] | None] = []
     write_manifest = integrity.write_manifest
     monkeypatch.setattr(integrity, "EarlyChecksums", Recorded)
     monkeypatch.setattr(integrity, "write_manifest", lambda d, known=None: handed.append(known) or write_manifest(
