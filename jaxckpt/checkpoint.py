@@ -331,6 +331,10 @@ class Checkpointer:
             self._start_finalizer(p)
         except Exception as e:  # noqa: BLE001
             return self._failed(p.step, e)
+        except BaseException:  # e.g. Ctrl-C while waiting: the save stays pending, the sweeping ends
+            if p.checksums is not None:
+                p.checksums.stop()
+            raise
         p.finalizer.join()
         self._complete(p)
 

@@ -125,3 +125,39 @@ def test_checkpointer_checksums_early_only_while_its_caller_waits(tmp_path: Path
         assert manifest_of(step_dir) == {str(p.relative_to(step_dir)): {"size": p.stat().st_size,
                                                                         "crc32": zlib.crc32(p.read_bytes())}
                                          for p in step_dir.rglob("*") if p.is_file() and p.name != integrity.MANIFEST}
+
+
+def test_an_interrupted_wait_stops_the_early_checksums_and_a_later_wait_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[integrity.EarlyChecksums] = []
+
+    class Recorded(integrity.EarlyChecksums):
+        def start(self) -> integrity.EarlyChecksums:
+            made.append(self)
+            return super().start()
+
+    monkeypatch.setattr(integrity, "EarlyChecksums", Recorded)
+    state = {"w": jax.device_put(np.arange(4096, dtype=np.float32))}
+
+    class Iterator:
+        def get_state(self) -> bytes:
+            return b"{}"
+
+    with Checkpointer(tmp_path / "ckpt", CheckpointConfig()) as ckpt:
+        ckpt.save(1, state, Iterator(), {"metrics": {}})
+        ckpt._pending.start.join()  # Orbax's save call itself waits on the manager: not that one
+        wait_until_finished = ckpt.manager.wait_until_finished
+
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ckpt.manager, "wait_until_finished", interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.wait()
+        finally:
+            monkeypatch.setattr(ckpt.manager, "wait_until_finished", wait_until_finished)
+        assert len(made) == 1 and not made[0]._thread.is_alive()
+        ckpt.wait()
+        assert ckpt.complete_steps() == [1]
+    assert len(made) == 2 and not made[1]._thread.is_alive()
