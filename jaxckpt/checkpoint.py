@@ -216,6 +216,10 @@ class Checkpointer:
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
+    def _tmp_dirs(self, step: int) -> Iterator[Path]:
+        """Where Orbax writes ``step`` until its commit renames it to :meth:`step_dir`."""
+        return self.directory.glob(f"{step}.orbax-checkpoint-tmp*")
+
     def meta(self, step: int) -> dict[str, Any]:
         return read_meta(self.directory, step)
 
@@ -257,7 +261,7 @@ class Checkpointer:
             self._pending.checksums.stop()
         self._pending = None
         if jax.process_index() == 0:
-            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            for tmp in self._tmp_dirs(step):
                 shutil.rmtree(tmp, ignore_errors=True)
             if self.step_dir(step).exists() and not integrity.has_manifest(self.step_dir(step)):
                 shutil.rmtree(self.step_dir(step), ignore_errors=True)
@@ -322,8 +326,7 @@ class Checkpointer:
         if self.cfg.async_save and p.finalizer is None and jax.process_index() == 0:
             # The caller waits anyway, so the cores are free: checksum the files Orbax has finished
             # while it writes the rest. (Beside training it would take CPU from the train steps.)
-            p.checksums = integrity.EarlyChecksums(
-                lambda: self.directory.glob(f"{p.step}.orbax-checkpoint-tmp*")).start()
+            p.checksums = integrity.EarlyChecksums(lambda: self._tmp_dirs(p.step)).start()
         try:
             if p.start is not None:
                 p.start.join()
