@@ -31,6 +31,27 @@ def a_step(root: Path) -> dict[str, bytes]:
     return files
 
 
+class FixedIterator:
+    """The data iterator a Checkpointer saves beside the state, at a position that never moves."""
+
+    def get_state(self) -> bytes:
+        return b"{}"
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[integrity.EarlyChecksums]:
+    """Every EarlyChecksums started while the test runs, in order."""
+    started: list[integrity.EarlyChecksums] = []
+
+    class Recorded(integrity.EarlyChecksums):
+        def start(self) -> integrity.EarlyChecksums:
+            started.append(self)
+            return super().start()
+
+    monkeypatch.setattr(integrity, "EarlyChecksums", Recorded)
+    return started
+
+
 def manifest_of(step_dir: Path) -> dict[str, dict[str, int]]:
     return json.loads((step_dir / integrity.MANIFEST).read_text())["files"]
 
@@ -88,31 +109,19 @@ def test_manifest_reuses_an_early_checksum_only_for_the_same_file_version(tmp_pa
     assert integrity.verify(tmp_path / "3") == []
 
 
-def test_checkpointer_checksums_early_only_while_its_caller_waits(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[integrity.EarlyChecksums] = []
-
-    class Recorded(integrity.EarlyChecksums):
-        def start(self) -> integrity.EarlyChecksums:
-            made.append(self)
-            return super().start()
-
+def test_checkpointer_checksums_early_only_while_its_caller_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: list[integrity.EarlyChecksums]) -> None:
     handed: list[dict[integrity.FileVersion, int] | None] = []
     write_manifest = integrity.write_manifest
-    monkeypatch.setattr(integrity, "EarlyChecksums", Recorded)
     monkeypatch.setattr(integrity, "write_manifest", lambda d, known=None: handed.append(known) or write_manifest(
         d, known))
     rng = np.random.default_rng(0)
     state = {f"w{i}": jax.device_put(rng.standard_normal((256, 1024), np.float32)) for i in range(4)}
 
-    class Iterator:
-        def get_state(self) -> bytes:
-            return b"{}"
-
     with Checkpointer(tmp_path / "ckpt", CheckpointConfig(keep_latest=2)) as ckpt:
-        ckpt.save(1, state, Iterator(), {"metrics": {}})
+        ckpt.save(1, state, FixedIterator(), {"metrics": {}})
         ckpt.wait()  # as at a preemption or the end of training
-        ckpt.save(2, state, Iterator(), {"metrics": {}})
+        ckpt.save(2, state, FixedIterator(), {"metrics": {}})
         deadline = time.monotonic() + 60
         while ckpt._pending is not None and time.monotonic() < deadline:  # as between train steps
             ckpt.poll()
@@ -128,23 +137,11 @@ def test_checkpointer_checksums_early_only_while_its_caller_waits(tmp_path: Path
 
 
 def test_an_interrupted_wait_stops_the_early_checksums_and_a_later_wait_completes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[integrity.EarlyChecksums] = []
-
-    class Recorded(integrity.EarlyChecksums):
-        def start(self) -> integrity.EarlyChecksums:
-            made.append(self)
-            return super().start()
-
-    monkeypatch.setattr(integrity, "EarlyChecksums", Recorded)
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: list[integrity.EarlyChecksums]) -> None:
     state = {"w": jax.device_put(np.arange(4096, dtype=np.float32))}
 
-    class Iterator:
-        def get_state(self) -> bytes:
-            return b"{}"
-
     with Checkpointer(tmp_path / "ckpt", CheckpointConfig()) as ckpt:
-        ckpt.save(1, state, Iterator(), {"metrics": {}})
+        ckpt.save(1, state, FixedIterator(), {"metrics": {}})
         ckpt._pending.start.join()  # Orbax's save call itself waits on the manager: not that one
         wait_until_finished = ckpt.manager.wait_until_finished
 
