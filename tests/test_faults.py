@@ -23,6 +23,8 @@ import faultlib
 import pytest
 from faultlib import STEPS, Proc, Setup
 
+from jaxckpt.checkpoint import TODELETE
+
 CHAIN = ["checkpoint.every_steps=2"]  # saves at every other step: most kills land inside a save
 FAST = ["checkpoint.every_steps=1000"]  # only the final checkpoint
 MAX_KILLS = 12
@@ -156,41 +158,39 @@ def test_sigkill_anywhere_resumes_bit_identical(setup: Setup, tmp_path: Path) ->
 
 
 def test_sigkill_during_retention_delete_keeps_committed_checkpoints_intact(setup: Setup, tmp_path: Path) -> None:
-    """SIGKILL while retention deletes an old checkpoint, held half-done by strace (deterministic).
+    """SIGKILL while an old checkpoint's files are being deleted, held half-done by strace (deterministic).
 
-    Every step directory that still has a manifest must verify, and once the same command ran again no
-    step directory without a manifest may be left behind.
+    Retention takes checkpoint 2's manifest, moves it to ``checkpoints/.deleted/2`` and the next save (or
+    the end of the run) deletes its files: the kill lands after the first of those deletions. Every step
+    directory that still has a manifest must verify, and once the same command ran again no step
+    directory without a manifest, and nothing set aside, may be left behind.
     """
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
     workdir = tmp_path / "w"
-    overrides = (*CHAIN, "checkpoint.keep_latest=2")  # checkpoint 2 is deleted once 6 is durable
+    overrides = (*CHAIN, "checkpoint.keep_latest=2")  # checkpoint 2 is dropped once 6 is durable
     resume = setup.spawn(workdir, *overrides, name="rerun")
     p = setup.start(workdir, *overrides, name="victim")
     p.on_line(r"\] checkpoint 2: ", lambda _line: p.signal(signal.SIGSTOP))
     assert p.wait_line(r"\] checkpoint 2: ") is not None, p.tail()
     assert p.wait_until(lambda: faultlib.process_state(p.pid) == "T", timeout=30), p.tail()
-    step2 = workdir / "checkpoints" / "2"
+    step2, aside = workdir / "checkpoints" / "2", workdir / "checkpoints" / TODELETE / "2"
     assert 2 in faultlib.manifest_steps(workdir) and not faultlib.verify_problems(workdir, 2), (
-        "the trainer got past deleting checkpoint 2 before it could be stopped")
-    paths = [*sorted(step2.rglob("*")), step2]
+        "the trainer got past dropping checkpoint 2 before it could be stopped")
+    paths = [*(aside / x.relative_to(step2) for x in sorted(step2.rglob("*"))), aside]
     rc = _kill_inside_syscall(p, "unlink,unlinkat,rmdir", paths, r"(unlink|rmdir).*= 0")
-    problems = []
-    if rc == -signal.SIGKILL:
-        gone = [str(x.relative_to(step2)) for x in paths[:-1] if not x.exists()]
-        print(f"killed while deleting checkpoint 2: {len(gone)} of {len(paths) - 1} entries gone "
-              f"({gone[:5]}), manifest {'present' if (step2 / 'jaxckpt_manifest.json').exists() else 'gone'}")
-        for s in faultlib.manifest_steps(workdir):
-            problems += [f"after the kill, committed step {s} does not verify: {x}"
-                         for x in faultlib.verify_problems(workdir, s)]
-    else:  # the deletion never touched those paths (e.g. the step was moved aside first): fine
-        assert rc == 0, p.tail()
+    assert rc == -signal.SIGKILL, f"the trainer never deleted files of {aside} (exit code {rc})\n{p.tail()}"
+    gone = [str(x.relative_to(aside)) for x in paths[:-1] if not x.exists()]
+    print(f"killed while deleting checkpoint 2: {len(gone)} of {len(paths) - 1} entries gone ({gone[:5]})")
+    assert 2 not in faultlib.step_dirs(workdir) and aside.is_dir(), sorted(os.listdir(workdir / "checkpoints"))
+    problems = [f"after the kill, committed step {s} does not verify: {x}"
+                for s in faultlib.manifest_steps(workdir) for x in faultlib.verify_problems(workdir, s)]
     rc, out = setup.train(workdir, *overrides, prewarmed=resume)
     assert rc == 0, out
     leftovers = [s for s in faultlib.step_dirs(workdir) if s not in faultlib.manifest_steps(workdir)]
-    if leftovers:
-        problems.append(f"after the rerun, step directories without a manifest are left behind: {leftovers} "
-                        f"(contents: {sorted(str(x.relative_to(workdir)) for x in step2.rglob('*'))[:6]})")
+    if leftovers or aside.parent.exists():
+        problems.append(f"after the rerun, left behind: steps without a manifest {leftovers}, "
+                        f"set aside {sorted(os.listdir(aside.parent)) if aside.parent.exists() else []}")
     for s in faultlib.manifest_steps(workdir):
         problems += [f"after the rerun, step {s} does not verify: {x}" for x in faultlib.verify_problems(workdir, s)]
     faultlib.assert_matches_reference(workdir, setup.reference)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxckpt.checkpoint import Checkpointer, gc_paused
+from jaxckpt.checkpoint import TODELETE, Checkpointer, gc_paused
 from jaxckpt.config import CheckpointConfig
+from jaxckpt.integrity import MANIFEST
 from jaxckpt.policies import EveryNSeconds, EveryNSteps, Retention, SaveSchedule, retention, save_schedule
 
 
@@ -231,6 +232,26 @@ def test_checkpointer_sync_save_applies_retention(tmp_path: Path) -> None:
     with Checkpointer(tmp_path / "ckpt", cfg, clock=FakeClock()) as ckpt:
         _save_steps(ckpt, range(1, 7))
     assert _on_disk(tmp_path / "ckpt") == [4, 5, 6]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_dropped_steps_wait_aside_until_the_next_save_starts(tmp_path: Path, async_save: bool) -> None:
+    """A step retention drops leaves the step list at once, without its manifest, and waits in TODELETE
+    until the next save starts (whose files then reuse its page cache); close() removes the rest."""
+    directory = tmp_path / "ckpt"
+    trash = directory / TODELETE
+    (trash / "7" / "state").mkdir(parents=True)  # an earlier run's, stopped before its next save
+    with Checkpointer(directory, CheckpointConfig(keep_latest=1, async_save=async_save), clock=FakeClock()) as ckpt:
+        assert not trash.exists()
+        _save_steps(ckpt, range(1, 3))
+        assert ckpt.steps() == [2] and ckpt.complete_steps() == [2] and _on_disk(directory) == [2]
+        assert [p.name for p in trash.iterdir()] == ["1"]
+        assert (trash / "1" / "state").is_dir() and not (trash / "1" / MANIFEST).exists()
+        _save_steps(ckpt, range(3, 4))  # removes 1 before it writes; its own retention then moves 2
+        assert [p.name for p in trash.iterdir()] == ["2"]
+        state = ckpt.restore(3, {k: jnp.zeros_like(v) for k, v in _state(0).items()}, None)
+        np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 3.0, np.float32))
+    assert not trash.exists() and _on_disk(directory) == [3]
 
 
 def test_checkpointer_schedule_uses_injected_clock(tmp_path: Path) -> None:
