@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,21 @@ SHAKESPEARE = Path(os.environ.get("JAXCKPT_BENCH_TEXT")
 
 
 # -- memory and page cache ---------------------------------------------------------------------
+
+
+SETTLE_S = 10.0
+
+
+def settle_memory() -> None:
+    """Wait until the memory freed before now has gone back to the host, where the VM reports free pages.
+
+    On the benchmark VM a write into the page cache costs several times more with memory the host took
+    back than with memory freed just before (README §1d): a 1 GB ``dd`` right after another one was
+    deleted took 0.5-0.8 s when it followed after 0-3 s, 1.4-1.8 s after 8, 15 or 30 s. Each timed writer
+    (``dd``, ``np.save``, every save) waits this long first, so none of them gets pages that something
+    before it happened to free, and their ratios compare the writers, not their luck.
+    """
+    time.sleep(SETTLE_S)
 
 
 def reset_peak_rss() -> None:
