@@ -60,6 +60,19 @@ def dirty_mb() -> float:
     return float("nan")
 
 
+def timed(fn: Callable[..., Any], spent: list[float]) -> Callable[..., Any]:
+    """``fn``, appending the wall seconds of each call to ``spent`` (to time a library function in place)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    return wrapper
+
+
 def median_trial(run: Callable[[], dict[str, Any]], trials: int = WARM_TRIALS) -> dict[str, Any]:
     """``run()`` ``trials`` times in a row; the result whose ``"s"`` is the median, plus every trial's seconds.
 

@@ -556,29 +556,20 @@ def restore_phases(args: argparse.Namespace, root: Path, abstract: PyTree) -> st
     with variant.manager(root / "phases") as mgr:
         mgr.save(1, args=ocp.args.Composite(state=variant.save(build_state(args.gb))), force=True)
         mgr.wait_until_finished()
-    spent: dict[str, float] = {}
+    spent: dict[str, list[float]] = {name: [] for name in PHASES}
     originals = {name: getattr(fastread, name) for name in PHASES}
-
-    def timed(name: str, fn: Callable) -> Callable:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
-        return wrapper
-
     lines = ["| restore | total s | " + " | ".join(f"{v} s" for v in PHASES.values()) + " | other s |",
              "|" + "---|" * (len(PHASES) + 3)]
     try:
         for name, fn in originals.items():
-            setattr(fastread, name, timed(name, fn))
+            setattr(fastread, name, benchlib.timed(fn, spent[name]))
         for i in range(args.phases):
-            spent.clear()
+            for calls in spent.values():
+                calls.clear()
             gc.collect()
             t0 = time.perf_counter()
             jax.block_until_ready(fastread.restore(root / "phases" / "1" / "state", abstract))
-            ms = [round(x * 1e3) for x in (time.perf_counter() - t0, *(spent.get(n, 0.0) for n in PHASES))]
+            ms = [round(x * 1e3) for x in (time.perf_counter() - t0, *(sum(spent[n]) for n in PHASES))]
             ms.append(ms[0] - sum(ms[1:]))  # "other" from the printed values, so the columns add up exactly
             lines.append(f"| {i + 1} | " + " | ".join(f"{x / 1e3:.3f}" for x in ms) + " |")
     finally:

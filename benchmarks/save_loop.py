@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint as bench  # first: it reads --devices from sys.argv and sets XLA_FLAGS before jax loads
+import benchlib
 
 import argparse
 import os
@@ -65,27 +66,13 @@ class NoData:
         return b"{}"
 
 
-def timed_retention(ckpt: Checkpointer) -> list[float]:
-    """Wall seconds of each ``apply_retention`` call of ``ckpt`` from now on."""
-    spent: list[float] = []
-    original = ckpt.apply_retention
-
-    def wrapper() -> list[int]:
-        t0 = time.perf_counter()
-        try:
-            return original()
-        finally:
-            spent.append(time.perf_counter() - t0)
-
-    ckpt.apply_retention = wrapper  # type: ignore[method-assign]
-    return spent
-
-
 def run(args: argparse.Namespace, root: Path, state: Any) -> dict[str, list[dict[str, float]]]:
     """Every save of every mode, taking turns; one dict of timings per save."""
     cfg = CheckpointConfig(keep_latest=1, async_save=True)
     ckpts = {name: cls(root / name.replace(" ", "-"), cfg) for name, cls in MODES.items()}
-    spent = {name: timed_retention(c) for name, c in ckpts.items()}
+    spent: dict[str, list[float]] = {name: [] for name in MODES}
+    for name, ckpt in ckpts.items():  # the instance attribute is what _complete() calls
+        ckpt.apply_retention = benchlib.timed(ckpt.apply_retention, spent[name])  # type: ignore[method-assign]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in MODES}
     try:
         for step in range(1, args.saves + 1):
