@@ -403,7 +403,8 @@ def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: 
         start = start_save(mgr, variant, step, fresh)
         out.append(time.perf_counter() - t0)
         finish_save(mgr, start)
-        mgr.delete(step)
+        mgr.delete(step)  # jaxckpt's manager moves it to TODELETE, which a Checkpointer empties at its next save
+        shutil.rmtree(mgr.directory / getattr(ckpt_lib, "TODELETE", ".deleted"), ignore_errors=True)
     return out
 
 
