@@ -1,6 +1,6 @@
 """Checkpoint save/restore of a ~1 GB fp32 train state: jaxckpt's Orbax settings vs stock Orbax vs the disk.
 
-    python benchmarks/checkpoint.py                       # jaxckpt + stock Orbax, 2 reps (~3-5 min)
+    python benchmarks/checkpoint.py                       # jaxckpt + stock Orbax, 2 reps (~4-6 min)
     python benchmarks/checkpoint.py --gb 0.25 --reps 1    # quick
     python benchmarks/checkpoint.py --devices 8           # state sharded over 8 fake CPU devices
     python benchmarks/checkpoint.py --variants jaxckpt,zarr3,target64m,io-sync-off   # experiments
