@@ -39,7 +39,7 @@ OCDBT_TARGET_FILE_BYTES = 64 << 20
 # Retention moves a step here (Orbax's todelete_subdir: one rename) and the files go right before the next
 # save writes. The kernel then fills the new files' page cache with the deleted files' pages instead of
 # fresh memory, which on a VM that returns free memory to its host costs ~10x as much to touch: 1 GB
-# saves in a row, 1.4-1.5 s -> 0.8-1.0 s here (benchmarks/README.md §1b). The rmtree (0.16 s per GB) also
+# saves in a row, 1.4-1.5 s -> 0.8-1.0 s here (benchmarks/README.md §1d). The rmtree (0.16 s per GB) also
 # leaves the train loop's thread, and peak disk use stays the same: one checkpoint more than retention keeps.
 TODELETE = ".deleted"
 ITEMS = ("state", "data", "meta")
