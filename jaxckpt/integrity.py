@@ -96,7 +96,7 @@ class EarlyChecksums:
                     return
                 try:
                     self._visit(path)
-                except (OSError, ValueError):  # gone, or shorter than when mapped
+                except OSError:  # removed or renamed since it was listed
                     pass
 
     def _visit(self, path: Path) -> None:
