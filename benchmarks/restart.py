@@ -18,7 +18,7 @@ reported, and warm/cold is the ratio of the medians.
 
 What is timed, from the restarted trainer's own ``events.jsonl`` (all wall clock, ``time.time()``):
 
-* **latency** = ``start.process_start`` (the kernel's process creation time, via psutil) -> the
+* **latency** = ``start.process_start`` (the kernel's process creation time, to 10 ms) -> the
   ``first_step`` event (the first step after resume has finished: ``block_until_ready``).
 * its parts: *startup* = process start -> ``start`` event (interpreter, imports, JAX backend, config);
   *build* = -> restore begins (``Run.build``: mesh, model, optimizer, data pipeline, jit wrappers;
@@ -33,8 +33,8 @@ What is timed, from the restarted trainer's own ``events.jsonl`` (all wall clock
   without the one step's execution that no cache can remove, i.e. the part the compilation cache can act on.
 
 Cross-checks from this (parent) process: *Popen -> first step* (parent's clock just before ``Popen`` to
-the same ``first_step`` event: no psutil, whose process start inherits the whole-second boot time of
-``/proc/stat``) and *Popen -> exit* (the subprocess's whole wall time, including the remaining steps,
+the same ``first_step`` event: it includes the ``Popen`` call, and *process_start − Popen* shows the
+two clocks agree) and *Popen -> exit* (the subprocess's whole wall time, including the remaining steps,
 the final save and interpreter shutdown).
 """
 
@@ -299,7 +299,7 @@ def verdict(runs: Runs, reps: int) -> list[str]:
         f"target warm <= {TARGET}x cold: {'PASS' if ratio <= TARGET else 'FAIL'}",
         f"without one step's execution (latency − later step): warm / cold = {no_exec:.2f} "
         f"({median(runs, 'warm', 'no_exec'):.2f} s / {median(runs, 'cold', 'no_exec'):.2f} s)",
-        f"cross-check from the parent's clock: Popen -> first step, warm / cold = {popen:.2f}; psutil's "
+        f"cross-check from the parent's clock: Popen -> first step, warm / cold = {popen:.2f}; "
         f"process_start - Popen: median {skew:+.3f} s over all {len(runs)} restarts",
         "where the time goes (medians): " + shares(runs, "cold") + "; " + shares(runs, "warm"),
     ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,16 @@ def test_preempted_segment_is_marked(tmp_path: Path) -> None:
     log.emit("init", step=0, seconds=0.1)
     log.emit("preempted", step=3)
     assert report.segments(tmp_path)[0].ending == "preempted"
+
+
+def test_process_start_is_when_the_process_was_spawned() -> None:
+    """A segment's start-up time (and the restart benchmark's latency) begins at the child's creation: no
+    earlier than its parent spawned it (psutil's whole-second boot time put it up to 1 s before), and no
+    later than its first line of Python."""
+    code = ("import time; t = time.time(); from jaxckpt.trainer import process_start_time; "
+            "print(process_start_time(), t)")
+    for _ in range(3):
+        spawned = time.time()
+        start, first_line = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                      text=True, check=True).stdout.split())
+        assert spawned - 0.02 <= start <= first_line, (start - spawned, first_line - spawned)
