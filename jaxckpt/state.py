@@ -7,6 +7,7 @@ It is created directly sharded with ``jax.jit(create, out_shardings=...)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,15 @@ def state_shapes(mdef: ModelDef, tx: optax.GradientTransformation) -> PyTree:
     return jax.eval_shape(lambda: _create(mdef.cfg, tx, 0))
 
 
+def _traced(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run inside a trace, so that JAX ops in it are staged out instead of compiled and run.
+    ``tree_map_params`` calls the optimizer's ``init``, whose ``jnp.zeros`` step count would otherwise
+    compile a program on every start (0.03-0.13 s; a cache entry when the compilation cache is on)."""
+    out: list[Any] = []
+    jax.eval_shape(lambda: out.append(fn()))
+    return out[0]
+
+
 def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
                     shapes: PyTree | None = None) -> PyTree:
     """Shardings of every state leaf, derived from the params' logical axes (``shapes``: ``state_shapes``'
@@ -90,14 +100,14 @@ def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh
     param_sh = jax.tree.map(
         lambda ax, a: sharding_for(mesh, ax, a.shape), logical, abstract["params"], is_leaf=is_axes
     )
-    opt_sh = optax.tree_map_params(
+    opt_sh = _traced(lambda: optax.tree_map_params(
         tx,
         lambda _, sh: sh,
         abstract["opt_state"],
         param_sh,
         transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    ))
     return {"params": param_sh, "opt_state": opt_sh, "step": replicated(mesh), "rng": replicated(mesh)}
 
 

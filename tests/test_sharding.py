@@ -198,6 +198,16 @@ def test_abstract_state_targets_match_created_state(cfg: Config, mesh8: Mesh, st
         assert t.sharding.is_equivalent_to(x.sharding, x.ndim), key
 
 
+def test_state_shardings_run_nothing_on_the_devices(cfg: Config, mesh8: Mesh) -> None:
+    """Working out the shardings (every start and restore does) only traces: optax's ``init`` inside it
+    must not run its ``jnp.zeros`` step count as an eager op, which puts a value on a device (and compiles
+    a program on every start)."""
+    mdef, tx = ModelDef.build(cfg.model), make_optimizer(cfg.optim, cfg.train.steps)
+    with jax.transfer_guard("disallow"):  # an eager op's constant is a host-to-device transfer
+        shardings = state_shardings(mdef, tx, mesh8)
+    assert jax.tree.leaves(shardings["opt_state"], is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def test_pipeline_batch_is_sharded_over_batch_axes(cfg: Config, mesh8: Mesh) -> None:
     p = DataPipeline(cfg.data, MODEL.seq_len, 256, mesh8)
     batch = p.to_global(next(p.train_iterator(0)))
