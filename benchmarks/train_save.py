@@ -34,7 +34,8 @@ ended: the library itself only notices these at step boundaries. With ``--thread
 thread groups (XLA, TensorStore, Orbax/manifest Python threads, main, Grain); threads that end lose
 their last <100 ms. ``--save-priority nice|idle`` (an experiment; jaxckpt does not do this) has the
 watcher put every new TensorStore thread and Orbax/manifest Python thread at nice 19 or SCHED_IDLE as
-it appears (~10 ms late), to see how much of the slowdown is the save competing with XLA for the cores.
+it appears (~10 ms late), to see how much of the slowdown is the save competing with XLA for the cores;
+``idle-ts`` does it to TensorStore's threads only (C++ threads, unlike Orbax's Python ones).
 
 T0 = median step time of all normal windows. Slowdown = overlapped step time / T0, mean and max over all
 overlapped steps; per save also against the median of its two adjacent normal windows (*local T0*).
@@ -98,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, help="N for goodput (default: checkpoint.every_steps of the config)")
     p.add_argument("--scratch", type=Path, help="parent dir for the temp workdir (default: the system temp dir)")
     p.add_argument("--thread-cpu", action="store_true", help="attribute CPU seconds to thread groups (/proc)")
-    p.add_argument("--save-priority", choices=("default", "nice", "idle"), default="default",
-                   help="experiment: run save threads at nice 19 or SCHED_IDLE (jaxckpt itself does not)")
+    p.add_argument("--save-priority", choices=("default", "nice", "idle", "idle-ts"), default="default",
+                   help="experiment: run save threads at nice 19 or SCHED_IDLE, or only TensorStore's at "
+                        "SCHED_IDLE (idle-ts); jaxckpt itself does not")
     p.add_argument("--direct", action="store_true", help="also compare trainer.train() with saves vs without")
     p.add_argument("--direct-steps", type=int, help="steps per train() run (default: N + 2*log_every)")
     p.add_argument("--direct-rounds", type=int, default=1, help="(off, on) pairs, ABBA order")
@@ -238,8 +240,8 @@ class Watcher(threading.Thread):
             if group.startswith("native") and self.tries[tid] < 10:
                 continue  # maybe a Python thread not registered yet: classify it on a later tick
             self.seen.add(tid)
-            if is_save_thread(group):
-                lower_priority(tid, self.priority)
+            if is_save_thread(group) and (self.priority != "idle-ts" or group.startswith("TensorStore")):
+                lower_priority(tid, self.priority.removesuffix("-ts"))
 
     def run(self) -> None:
         last_sample = time.perf_counter()
