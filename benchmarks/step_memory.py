@@ -71,23 +71,25 @@ def apply_one_arena() -> None:
         raise SystemExit("mallopt failed")
 
 
-def rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One process's measurements (see the module docstring), as JSON on stdout."""
     if os.environ.get("STEP_MEMORY_MALLOPT"):
-        apply_one_arena()  # before JAX starts its threads
+        apply_one_arena()  # before JAX (or numpy's BLAS) starts its threads
     import jax
     import numpy as np
+
+    try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
+        from benchlib import proc_status_mb
+    except ImportError:
+        from benchmarks.benchlib import proc_status_mb
 
     from jaxckpt.config import load_config
     from jaxckpt.state import create_state
     from jaxckpt.trainer import Run
 
     cfg = load_config(args.config, list(args.overrides))
-    run = Run.build(cfg, Path(tempfile.mkdtemp(prefix="jaxckpt-bench-step-memory-")))
+    with tempfile.TemporaryDirectory(prefix="jaxckpt-bench-step-memory-") as tmp:
+        run = Run.build(cfg, Path(tmp))  # writes nothing there: only the step, the state and one batch are used
     state = create_state(run.mdef, run.tx, run.mesh, cfg.train.seed)
     batch = run.data.to_global(next(run.data.train_iterator(0)))
     step = run.step_fn.lower(state, batch).compile()
@@ -96,7 +98,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.steps):
         (state, _), t = timed_call(step, state, batch)
         later.append(t)
-    out = {"first": first, "later": _median(later), "rss_later": rss_mb()}
+    out = {"first": first, "later": _median(later), "rss_later": proc_status_mb("VmRSS")}
     held, beside, donated = [], [], []
     for _ in range(args.held):  # a call with the views held, then one without, alternating
         leaves = jax.tree.leaves(state)
@@ -108,8 +110,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         (state, _), t = timed_call(step, state, batch)
         beside.append(t)
     slowest = max(t["wall"] for t in later + held + beside)
-    return out | {"held": _median(held), "beside": _median(beside), "rss_end": rss_mb(), "slowest": slowest,
-                  "donated": any(donated), "n_held": len(held)}
+    return out | {"held": _median(held), "beside": _median(beside), "rss_end": proc_status_mb("VmRSS"),
+                  "slowest": slowest, "donated": any(donated), "n_held": len(held)}
 
 
 def _median(calls: list[dict[str, float]]) -> dict[str, float]:
