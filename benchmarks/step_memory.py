@@ -1,10 +1,10 @@
 """Where a CPU train step's memory goes: page faults per step, the first call, and what a save's snapshot
-costs the step after it. Each setting runs in child processes, alternating, and is compared in one run.
+costs the step after it. Each setting runs in child processes, in turn, and is compared in one run.
 
-    python benchmarks/step_memory.py                   # configs/small.py, 3 children per setting (~3 min)
+    python benchmarks/step_memory.py                   # configs/small.py, 3 children per setting (~4 min)
     python benchmarks/step_memory.py --rounds 1 model.n_layers=2      # quick
 
-An experiment: jaxckpt sets none of these. Settings (each child's environment; glibc reads it at start):
+An experiment: jaxckpt sets none of these. Settings (each child's environment, read at its start):
 
 * ``default``  — as the trainer runs by default.
 * ``hugetlb``  — ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc asks for transparent huge pages on the
@@ -13,6 +13,8 @@ An experiment: jaxckpt sets none of these. Settings (each child's environment; g
   mapping every step, faulted in 4 KiB pages.
 * ``one-arena`` — ``mallopt`` at the child's start, before JAX makes threads: one arena, no mmap, no
   trimming below 2 GiB. The block then comes from the heap and the next call reuses it.
+* ``no-ynn`` — ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (added to any XLA_FLAGS already set):
+  XLA:CPU without its YNNPACK fusions, whose set-up the first call of a compiled step pays.
 
 Per child (the trainer's ``Run.build`` step, ``create_state``, one pre-built batch, as ``benchmarks/step.py``):
 the first call of the compiled step; ``--steps`` later calls (median wall s, minor page faults, user and
@@ -35,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+NO_YNN = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_experimental_ynn_fusion_type=".strip()
 SETTINGS = {"default": {}, "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-            "one-arena": {"STEP_MEMORY_MALLOPT": "1"}}
+            "one-arena": {"STEP_MEMORY_MALLOPT": "1"}, "no-ynn": {"XLA_FLAGS": NO_YNN}}
 # mallopt(3) parameters for "one-arena": M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1 (its maximum).
 ONE_ARENA = ((-8, 1), (-4, 0), (-1, 2**31 - 1))
 
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in SETTINGS}
     for i in range(args.rounds):
-        for s in (list(SETTINGS) if i % 2 == 0 else list(reversed(SETTINGS))):  # ABBA
+        for s in (list(SETTINGS) if i % 2 == 0 else list(reversed(SETTINGS))):  # ABCD, DCBA, ...
             results[s].append(run_child(args, s))
             print(f"[step_memory] round {i + 1}/{args.rounds}: {s} done", file=sys.stderr)
     print(f"config {args.config} {' '.join(args.overrides)}; {args.rounds} children per setting, "
