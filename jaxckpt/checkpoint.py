@@ -67,8 +67,11 @@ def _type_handlers() -> Any:
 
 def state_handler() -> ocp.PyTreeCheckpointHandler:
     # Compression costs most of the save time on few cores for little space (DESIGN.md §3).
+    # Host copies into pinned memory where Orbax's default puts them (GPUs): the handler and
+    # jaxckpt.d2h.Snapshot follow the same switch.
     return ocp.PyTreeCheckpointHandler(
-        use_ocdbt=True, use_zarr3=True, use_compression=False, type_handler_registry=_type_handlers()
+        use_ocdbt=True, use_zarr3=True, use_compression=False, type_handler_registry=_type_handlers(),
+        enable_pinned_host_transfer=d2h.pinned_by_default(),
     )
 
 

@@ -7,10 +7,11 @@ shard. On 8 fake devices a 1 GB state is 1,423 shards, and that bookkeeping was 
 the save blocked training (benchmarks/README.md, §1b).
 
 :class:`LeanArrayHandler` is Orbax's ``ArrayHandler``; while it serializes, :func:`transfer` builds the
-same ``ReplicaSlices`` with one batched ``jax.copy_to_host_async``. That covers only what jaxckpt
-configures: each shard written whole by one replica, no replica-parallel slicing, no pinned-host copies.
-Everything else, every other handler (stock Orbax in the same process) and any Orbax whose function
-does not have the signature this was written against use Orbax's own function. Orbax then writes the
+same ``ReplicaSlices`` with one batched copy: ``jax.copy_to_host_async``, or one ``jax.device_put`` into
+pinned host memory where Orbax asks for that (its default on GPUs). That covers only what jaxckpt
+configures: each shard written whole by one replica, no replica-parallel slicing. Everything else,
+every other handler (stock Orbax in the same process) and any Orbax whose function does not have the
+signature this was written against use Orbax's own function. Orbax then writes the
 same shards to the same places: tests/test_d2h.py checks the slices against Orbax's own, and reads a
 save back with plain Orbax, bit for bit.
 
@@ -31,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import SingleDeviceSharding
 from orbax.checkpoint._src.serialization import replica_slices as rs
 
 _LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_d2h", default=False)
@@ -48,6 +50,11 @@ Plan = tuple[tuple[int, ...], tuple[tuple[int, Any], ...]]
 _PLANS: dict[tuple[Any, tuple[int, ...], int | None], Plan] = {}
 # id(array) -> (array, replica_id, its host copies), while a Snapshot of it is live.
 _SNAPSHOTS: dict[int, tuple[jax.Array, int | None, rs.ReplicaSlices]] = {}
+
+
+def pinned_by_default() -> bool:
+    """Orbax's own default for a save's host copies: into pinned host memory on GPUs."""
+    return jax.default_backend() == "gpu"
 
 
 def _plan(arr: jax.Array, replica_id: int | None) -> Plan:
@@ -68,29 +75,41 @@ def _plan(arr: jax.Array, replica_id: int | None) -> Plan:
     return plan
 
 
-def transfer(arrays: Sequence[jax.Array], replica_id: int | None) -> list[rs.ReplicaSlices]:
-    """What Orbax's ``transfer_arrays_to_host`` returns without replica-parallel or pinned-host transfer:
-    per array, the shards of one replica (``replica_id``, or the first shard's), on the host. Arrays of a
-    live :class:`Snapshot` for the same replica get the host copies it took."""
+def transfer(arrays: Sequence[jax.Array], replica_id: int | None,
+             pinned: bool = False) -> list[rs.ReplicaSlices]:
+    """What Orbax's ``transfer_arrays_to_host`` returns without replica-parallel slicing: per array, the
+    shards of one replica (``replica_id``, or the first shard's), on the host, through pinned host memory
+    if ``pinned``. Arrays of a live :class:`Snapshot` for the same replica get the host copies it took."""
     taken = [_SNAPSHOTS.get(id(arr)) for arr in arrays]
     taken = [t[2] if t is not None and t[0] is arr and t[1] == replica_id else None
              for arr, t in zip(arrays, taken, strict=True)]
-    fresh = iter(_copy_to_host([arr for arr, t in zip(arrays, taken, strict=True) if t is None], replica_id))
+    fresh = iter(_copy_to_host([arr for arr, t in zip(arrays, taken, strict=True) if t is None], replica_id,
+                               pinned))
     return [t if t is not None else next(fresh) for t in taken]
 
 
-def _copy_to_host(arrays: Sequence[jax.Array], replica_id: int | None) -> list[rs.ReplicaSlices]:
-    """:func:`transfer` for arrays without a snapshot: one batched ``jax.copy_to_host_async``."""
+def _start_copies(shards: list[jax.Array], pinned: bool) -> list[jax.Array]:
+    """Start every shard's copy to the host at once: into pinned host memory if ``pinned`` and its device
+    has some (as Orbax does), else ``copy_to_host_async``. ``np.asarray`` of the result waits for it."""
+    to_pin = [pinned and any(m.kind == "pinned_host" for m in x.device.addressable_memories()) for x in shards]
+    put = [x for x, p in zip(shards, to_pin, strict=True) if p]
+    moved = iter(jax.device_put(put, [SingleDeviceSharding(x.device, memory_kind="pinned_host") for x in put]))
+    jax.copy_to_host_async([x for x, p in zip(shards, to_pin, strict=True) if not p])
+    return [next(moved) if p else x for x, p in zip(shards, to_pin, strict=True)]
+
+
+def _copy_to_host(arrays: Sequence[jax.Array], replica_id: int | None, pinned: bool) -> list[rs.ReplicaSlices]:
+    """:func:`transfer` for arrays without a snapshot: all their shards' copies started in one batch."""
     if not arrays:
         return []
     plans = [_plan(arr, replica_id) for arr in arrays]
     picked = [[(index, arr.addressable_data(i)) for i, index in picks]
               for arr, (_, picks) in zip(arrays, plans, strict=True)]
-    jax.copy_to_host_async([data for shards in picked for _, data in shards])
+    copies = iter(_start_copies([data for shards in picked for _, data in shards], pinned))
     out = []
     for arr, (local_shape, _), shards in zip(arrays, plans, picked, strict=True):
-        slices = [rs.ReplicaSlice(index=index, unsliced_data=np.asarray(data), slice_args=None)
-                  for index, data in shards]
+        slices = [rs.ReplicaSlice(index=index, unsliced_data=np.asarray(next(copies)), slice_args=None)
+                  for index, _ in shards]
         out.append(rs.ReplicaSlices(global_shape=arr.shape, local_shape=local_shape, sharding=arr.sharding,
                                     dtype=arr.dtype, is_on_host=True, replica_slices=slices))
     return out
@@ -110,10 +129,12 @@ class Snapshot:
     replica) writes these copies instead of reading the devices again, so the arrays may be donated or
     deleted once this returns. Orbax then needs only their shape, dtype and sharding."""
 
-    def __init__(self, tree: Any, replica_id: int | None = REPLICA_ID):
+    def __init__(self, tree: Any, replica_id: int | None = REPLICA_ID, pinned: bool | None = None):
+        """``pinned``: copy through pinned host memory (default: :func:`pinned_by_default`)."""
         arrays = jax.tree.leaves(tree)
         self._ids = [id(arr) for arr in arrays]
-        for arr, slices in zip(arrays, _copy_to_host(arrays, replica_id), strict=True):
+        pinned = pinned_by_default() if pinned is None else pinned
+        for arr, slices in zip(arrays, _copy_to_host(arrays, replica_id, pinned), strict=True):
             _SNAPSHOTS[id(arr)] = (arr, replica_id, slices)
 
     def release(self) -> None:
@@ -131,8 +152,8 @@ def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
                                 min_slice_bytes_for_replica_parallel: int | None = None,
                                 max_replicas_for_replica_parallel: int | None = None, *,
                                 enable_pinned_host_transfer: bool = False) -> Sequence[rs.ReplicaSlices]:
-        if _LEAN.get() and not use_replica_parallel and not enable_pinned_host_transfer:
-            return transfer(arrays, replica_id)
+        if _LEAN.get() and not use_replica_parallel:
+            return transfer(arrays, replica_id, enable_pinned_host_transfer)
         return orbax_fn(arrays, replica_id, use_replica_parallel, min_slice_bytes_for_replica_parallel,
                         max_replicas_for_replica_parallel, enable_pinned_host_transfer=enable_pinned_host_transfer)
 

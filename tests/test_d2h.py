@@ -57,12 +57,14 @@ def assert_same_slices(ours: list[Any], theirs: list[Any]) -> None:
             assert s.unsliced_data.tobytes() == t.unsliced_data.tobytes()
 
 
+@pytest.mark.parametrize("pinned", [False, True], ids=["host", "pinned-host"])
 @pytest.mark.parametrize("replica_id", [0, 1, None])
-def test_transfer_gives_what_orbax_gives(replica_id: int | None) -> None:
+def test_transfer_gives_what_orbax_gives(replica_id: int | None, pinned: bool) -> None:
+    """Also through pinned host memory, which Orbax uses by default on GPUs (the CPU backend has it too)."""
     xs = arrays()
-    ours = d2h.transfer(xs, replica_id)
+    ours = d2h.transfer(xs, replica_id, pinned)
     assert len(ours) == len(xs)
-    assert_same_slices(ours, orbax_transfer()(xs, replica_id, False))
+    assert_same_slices(ours, orbax_transfer()(xs, replica_id, False, enable_pinned_host_transfer=pinned))
     assert sum(len(a.replica_slices) for a in ours) > len(xs)  # the test really covers several shards
 
 
@@ -104,8 +106,8 @@ def test_a_snapshot_stands_in_for_its_arrays_until_released() -> None:
 def test_lean_only_inside_the_handler_and_only_for_the_case_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
 
-    def lean(arrays: Any, replica_id: Any) -> list:
-        calls.append("lean")
+    def lean(arrays: Any, replica_id: Any, pinned: bool) -> list:
+        calls.append(f"lean pinned={pinned}")
         return []
 
     def orbax(*args: Any, **kwargs: Any) -> list:
@@ -123,7 +125,7 @@ def test_lean_only_inside_the_handler_and_only_for_the_case_it_covers(monkeypatc
         routed(xs, 0, False, enable_pinned_host_transfer=True)
     finally:
         d2h._LEAN.reset(token)
-    assert calls == ["orbax", "lean", "orbax", "orbax"]
+    assert calls == ["orbax", "lean pinned=False", "orbax", "lean pinned=True"]
 
 
 def _save(manager: ocp.CheckpointManager, tree: dict[str, jax.Array]) -> None:
@@ -139,9 +141,9 @@ def test_jaxckpt_saves_use_it_stock_orbax_does_not_and_both_read_back(tmp_path: 
     used: list[int] = []
     lean = d2h.transfer
 
-    def counting(arrays: Any, replica_id: Any) -> list:
+    def counting(arrays: Any, replica_id: Any, pinned: bool) -> list:
         used.append(len(arrays))
-        return lean(arrays, replica_id)
+        return lean(arrays, replica_id, pinned)
 
     monkeypatch.setattr(d2h, "transfer", counting)
 

@@ -59,9 +59,13 @@ class Gate:
         return self.save(*args, **kwargs)
 
 
-def test_the_save_writes_the_state_as_of_its_return(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pinned", [False, True], ids=["host", "pinned-host"])
+def test_the_save_writes_the_state_as_of_its_return(tmp_path: Path, pinned: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The arrays deleted, the iterator moved on and meta changed before Orbax's save call even begins:
-    the checkpoint still holds the bits, data position and meta of the moment save() returned."""
+    the checkpoint still holds the bits, data position and meta of the moment save() returned. Also with
+    host copies into pinned memory, which Orbax asks for on GPUs (there it read the donated arrays)."""
+    monkeypatch.setattr(d2h, "pinned_by_default", lambda: pinned)
     host = host_state(3)
     state, it = on_devices(host), iterator()
     target = abstract_of(state)
