@@ -43,7 +43,7 @@ from benchmarks.mfu import build_step  # noqa: E402
 from jaxckpt.config import Config, load_config  # noqa: E402
 from jaxckpt.mesh import batch_sharding  # noqa: E402
 from jaxckpt.state import create_state  # noqa: E402
-from jaxckpt.step import GPU_DETERMINISTIC, compiler_options  # noqa: E402
+from jaxckpt.step import GPU_DETERMINISTIC, on_gpu  # noqa: E402
 
 EXCLUDE = {"xla_gpu_exclude_nondeterministic_ops": True}
 MODES = {"off": {}, "deterministic": GPU_DETERMINISTIC, "exclude-ops": EXCLUDE, "exclude-ops+cache": EXCLUDE,
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options(mode: str, autotune_dir: Path | None) -> dict[str, Any]:
     """XLA options for ``mode``; none off a GPU (they are XLA:GPU's), where every mode is the same program."""
-    if not compiler_options(True):
+    if not on_gpu():
         return {}
     cache = {"xla_gpu_per_fusion_autotune_cache_dir": str(autotune_dir)} if mode.endswith("+cache") else {}
     return {**MODES[mode], **cache}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -40,13 +43,39 @@ def train_step(
 # in scatter-add, e.g. the embedding gradient) and no autotuning (which picks kernels by timing them, so two
 # compiles of one step may pick differently: measured on an H200, benchmarks/README.md §6).
 GPU_DETERMINISTIC = {"xla_gpu_deterministic_ops": True}
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+# XLA:CPU hands each matmul to YNNPACK together with the elementwise work around it, instead of the matmul
+# alone (XLA's default): the small config's step takes ~0.75x as long on 2 cores, same losses
+# (benchmarks/README.md §4). The option is experimental in XLA, so it is set only where the installed XLA
+# accepts it and XLA_FLAGS does not choose YNN fusions itself.
+CPU_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
-def compiler_options(deterministic: bool, platform: str | None = None) -> dict[str, bool]:
-    """XLA options for the train step on ``platform`` (default: JAX's default backend). Empty on CPUs and
-    TPUs, whose compiled steps are deterministic anyway, and when ``deterministic`` is off."""
+def on_gpu(platform: str | None = None) -> bool:
+    return (platform or jax.default_backend()) in GPU_PLATFORMS
+
+
+@functools.cache
+def cpu_options() -> dict[str, str]:
+    """:data:`CPU_YNN_FUSIONS`, or nothing if XLA_FLAGS sets YNN fusions or this XLA refuses the option
+    (tried once per process on a one-op program)."""
+    if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_YNN_FUSIONS).lower(np.float32(0)).compile()
+    except Exception:  # noqa: BLE001 - an XLA without this option or value: its default fusions
+        return {}
+    return dict(CPU_YNN_FUSIONS)
+
+
+def compiler_options(deterministic: bool, platform: str | None = None) -> dict[str, Any]:
+    """XLA options for the train and eval steps on ``platform`` (default: JAX's default backend): on GPUs
+    deterministic kernels if ``deterministic`` (CPUs and TPUs are deterministic anyway), on CPUs
+    :func:`cpu_options`."""
     platform = platform or jax.default_backend()
-    return dict(GPU_DETERMINISTIC) if deterministic and platform in ("gpu", "cuda", "rocm") else {}
+    if on_gpu(platform):
+        return dict(GPU_DETERMINISTIC) if deterministic else {}
+    return dict(cpu_options()) if platform == "cpu" else {}
 
 
 def jit_train_step(

@@ -27,7 +27,7 @@ from jaxckpt.model import param_count
 from jaxckpt.optim import make_optimizer, make_schedule
 from jaxckpt.preemption import Preempted, PreemptionGuard
 from jaxckpt.state import ModelDef, abstract_state, state_shapes, state_shardings
-from jaxckpt.step import compiler_options, jit_eval_step, jit_train_step
+from jaxckpt.step import jit_eval_step, jit_train_step, on_gpu
 
 PyTree = Any
 
@@ -91,7 +91,7 @@ def summary(run: Run, n_params: int, start_step: int) -> str:
 
 def determinism_note(cfg: Config) -> str | None:
     """A start-up line saying what ``train.deterministic`` does on this machine (None where it does nothing)."""
-    if not compiler_options(True):
+    if not on_gpu():
         return None
     if cfg.train.deterministic:
         return ("train.deterministic: XLA's deterministic GPU kernels, no autotuning; a resume that recompiles "
