@@ -3,18 +3,23 @@ costs the step after it. Each setting runs in child processes, in turn, and is c
 
     python benchmarks/step_memory.py                   # configs/small.py, 3 children per setting (~4 min)
     python benchmarks/step_memory.py --rounds 1 model.n_layers=2      # quick
+    python benchmarks/step_memory.py --settings default,xla-default,no-ynn   # XLA:CPU's fusion choices only
 
 An experiment: jaxckpt sets none of these. Settings (each child's environment, read at its start):
 
-* ``default``  — as the trainer runs by default.
+* ``default``  — as the trainer runs by default: XLA:CPU's YNNPACK dot fusions
+  (``jaxckpt.step.CPU_YNN_FUSIONS``: each matmul with the elementwise work around it).
+* ``xla-default`` — ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot``: XLA's own default,
+  one YNNPACK call per matmul (the trainer then leaves the choice to XLA_FLAGS).
 * ``hugetlb``  — ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc asks for transparent huge pages on the
   memory it maps. XLA:CPU allocates each call's temporaries in one block and frees it afterwards; past
   glibc's mmap threshold (at most 32 MiB), or from any thread but the main one, that block is a fresh
   mapping every step, faulted in 4 KiB pages.
 * ``one-arena`` — ``mallopt`` at the child's start, before JAX makes threads: one arena, no mmap, no
   trimming below 2 GiB. The block then comes from the heap and the next call reuses it.
-* ``no-ynn`` — ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (added to any XLA_FLAGS already set):
-  XLA:CPU without its YNNPACK fusions, whose set-up the first call of a compiled step pays.
+* ``no-ynn`` — ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``: XLA:CPU without its YNNPACK
+  fusions, whose set-up the first call of a compiled step pays. (Both XLA_FLAGS settings are added to any
+  XLA_FLAGS already set.)
 
 Per child (the trainer's ``Run.build`` step, ``create_state``, one pre-built batch, as ``benchmarks/step.py``):
 the first call of the compiled step; ``--steps`` later calls (median wall s, minor page faults, user and
@@ -37,9 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-NO_YNN = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_experimental_ynn_fusion_type=".strip()
-SETTINGS = {"default": {}, "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-            "one-arena": {"STEP_MEMORY_MALLOPT": "1"}, "no-ynn": {"XLA_FLAGS": NO_YNN}}
+YNN = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_experimental_ynn_fusion_type=".strip()
+SETTINGS = {"default": {}, "xla-default": {"XLA_FLAGS": YNN + "individual_dot"},
+            "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+            "one-arena": {"STEP_MEMORY_MALLOPT": "1"}, "no-ynn": {"XLA_FLAGS": YNN}}
 # mallopt(3) parameters for "one-arena": M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1 (its maximum).
 ONE_ARENA = ((-8, 1), (-4, 0), (-1, 2**31 - 1))
 
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="children per setting, alternating (default 3)")
     p.add_argument("--steps", type=int, default=8, help="later calls timed per child (default 8)")
     p.add_argument("--held", type=int, default=4, help="calls with snapshot views held per child (default 4)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}; "
+                   "the first is the reference")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p.parse_args(argv)
@@ -147,10 +155,11 @@ def report(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         return "| " + " | ".join(cells) + " |"
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS), *map(row, results)]
+    ref = next(iter(results))
     for s in list(results)[1:]:
-        later = med(s, "later", "wall") / med("default", "later", "wall")
-        first = med(s, "first", "wall") / med("default", "first", "wall")
-        lines.append(f"{s} / default (medians over children): later call {later:.2f}x, first call {first:.2f}x")
+        later = med(s, "later", "wall") / med(ref, "later", "wall")
+        first = med(s, "first", "wall") / med(ref, "first", "wall")
+        lines.append(f"{s} / {ref} (medians over children): later call {later:.2f}x, first call {first:.2f}x")
     for s in results:
         each = ", ".join(f"{r['held']['wall'] - r['beside']['wall']:+.3f}" for r in results[s])
         cost = med(s, "held", "wall") - med(s, "beside", "wall")
@@ -164,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    results: dict[str, list[dict[str, Any]]] = {s: [] for s in SETTINGS}
+    settings = args.settings.split(",")
+    if not settings or any(s not in SETTINGS for s in settings):
+        raise SystemExit(f"step_memory.py: --settings takes a comma-separated list of {', '.join(SETTINGS)}")
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in settings}
     for i in range(args.rounds):
-        for s in (list(SETTINGS) if i % 2 == 0 else list(reversed(SETTINGS))):  # ABCD, DCBA, ...
+        for s in (settings if i % 2 == 0 else settings[::-1]):  # ABCD, DCBA, ...
             results[s].append(run_child(args, s))
             print(f"[step_memory] round {i + 1}/{args.rounds}: {s} done", file=sys.stderr)
     print(f"config {args.config} {' '.join(args.overrides)}; {args.rounds} children per setting, "
