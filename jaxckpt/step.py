@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -62,7 +61,8 @@ def cpu_options() -> dict[str, str]:
     if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
         return {}
     try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_YNN_FUSIONS).lower(np.float32(0)).compile()
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        jax.jit(lambda x: x + 1, compiler_options=CPU_YNN_FUSIONS).lower(scalar).compile()
     except Exception:  # noqa: BLE001 - an XLA without this option or value: its default fusions
         return {}
     return dict(CPU_YNN_FUSIONS)
