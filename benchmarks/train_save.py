@@ -5,7 +5,7 @@
     python benchmarks/train_save.py model.d_model=768 model.n_layers=8 model.d_ff=3072 data.batch_size=2 \
         model.seq_len=64                                 # 76M params, 0.91 GB state: a save longer than a step
     python benchmarks/train_save.py --thread-cpu         # also: CPU seconds per thread group (XLA, TensorStore, ...)
-    python benchmarks/train_save.py --save-priority idle # experiment: save threads SCHED_IDLE (not what jaxckpt does)
+    python benchmarks/train_save.py --save-priority idle # experiment: save threads SCHED_IDLE (jaxckpt: nice 19)
     python benchmarks/train_save.py --direct             # also: trainer.train() with saves vs without (slow)
 
 Everything runs through the library's own path: ``Run.build(cfg, workdir)`` (the jitted, donating train
@@ -32,7 +32,8 @@ stamps when Orbax committed (``manager.is_saving_in_progress()`` false) and when
 ended: the library itself only notices these at step boundaries. With ``--thread-cpu`` it also reads
 ``/proc/self/task/*/stat`` every 100 ms (~1-2 % of a core) in every window and attributes CPU seconds to
 thread groups (XLA, TensorStore, Orbax/manifest Python threads, main, Grain); threads that end lose
-their last <100 ms. ``--save-priority nice|idle`` (an experiment; jaxckpt does not do this) has the
+their last <100 ms. ``--save-priority nice|idle`` (an experiment; jaxckpt itself gives its save threads
+``checkpoint.save_nice``, 19 by default, from the thread that starts Orbax's save) has the
 watcher put every new TensorStore thread and Orbax/manifest Python thread at nice 19 or SCHED_IDLE as
 it appears (~10 ms late), to see how much of the slowdown is the save competing with XLA for the cores;
 ``idle-ts`` does it to TensorStore's threads only (C++ threads, unlike Orbax's Python ones).
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--thread-cpu", action="store_true", help="attribute CPU seconds to thread groups (/proc)")
     p.add_argument("--save-priority", choices=("default", "nice", "idle", "idle-ts"), default="default",
                    help="experiment: run save threads at nice 19 or SCHED_IDLE, or only TensorStore's at "
-                        "SCHED_IDLE (idle-ts); jaxckpt itself does not")
+                        "SCHED_IDLE (idle-ts); jaxckpt itself uses checkpoint.save_nice")
     p.add_argument("--direct", action="store_true", help="also compare trainer.train() with saves vs without")
     p.add_argument("--direct-steps", type=int, help="steps per train() run (default: N + 2*log_every)")
     p.add_argument("--direct-rounds", type=int, default=1, help="(off, on) pairs, ABBA order")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,16 +149,18 @@ class SaveStart:
     """
 
     def __init__(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite, state: PyTree,
-                 before: Callable[[], None] = lambda: None):
-        """``before`` runs on the thread ahead of Orbax's save call."""
+                 before: Callable[[], None] = lambda: None, nice: int = 0):
+        """``before`` runs on the thread ahead of Orbax's save call; the thread, and the threads Orbax and
+        TensorStore start from it, run at nice ``nice`` (:func:`lower_save_threads`)."""
         self.error: BaseException | None = None
-        self._before = before
+        self._before, self._nice = before, nice
         self._snapshot = d2h.Snapshot(state)
         self._thread = threading.Thread(target=self._run, args=(manager, step, args), name="jaxckpt-save-start")
         self._thread.start()
 
     def _run(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
         try:
+            lower_save_threads(self._nice)
             self._before()
             manager.save(step, args=args, force=True)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by join()
@@ -173,6 +176,23 @@ class SaveStart:
         self._thread.join()
         if self.error is not None and reraise:
             raise self.error
+
+
+def lower_save_threads(nice: int) -> None:
+    """Nice ``nice`` (Linux; nothing elsewhere or for 0) for the calling thread, hence for the threads it
+    starts (they inherit it), and for TensorStore's workers (named ``ts_*``), which a restore may have
+    started before. Those only move checkpoint bytes; an unprivileged thread cannot be raised back, so
+    call this only where the threads that get it do nothing else."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith("ts_"):
+                tid = int(task.name)
+                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+        except (OSError, ValueError):  # the thread ended meanwhile
+            continue
 
 
 def starts_in_background(state: PyTree) -> bool:
@@ -256,7 +276,7 @@ class Checkpointer:
             )
             with gc_paused():
                 if self.cfg.async_save and starts_in_background(state):
-                    start = SaveStart(self.manager, step, args, state, self._purge_deleted)
+                    start = SaveStart(self.manager, step, args, state, self._purge_deleted, self.cfg.save_nice)
                 else:
                     self._purge_deleted()
                     self.manager.save(step, args=args, force=True)
@@ -300,6 +320,7 @@ class Checkpointer:
 
     def _finalize(self, pending: _Pending) -> None:
         try:
+            lower_save_threads(self.cfg.save_nice)
             known = pending.checksums.stop() if pending.checksums is not None else None
             integrity.write_manifest(self.step_dir(pending.step), known)
             pending.durable_at = time.perf_counter()

@@ -124,9 +124,13 @@ class CheckpointConfig:
     fast_restore: bool = True  # read the state with jaxckpt.fastread (same files; Orbax when it cannot)
     on_save_error: Literal["stop", "continue"] = "stop"  # full disk etc.: stop cleanly, or keep training
     grace_seconds: float = 30.0  # preemption notice; warn when a save is estimated to take longer
+    # Nice value (Linux) of the threads that write a save beside training: Orbax's, TensorStore's and the
+    # manifest's. 19 leaves the cores to the train step; 0 runs them as training runs.
+    save_nice: int = 19
 
     def validate(self) -> None:
         _check(self.every_steps >= 0 and self.every_seconds >= 0, "checkpoint intervals must be >= 0")
+        _check(0 <= self.save_nice <= 19, "checkpoint.save_nice must be 0-19 (0: as training, 19: lowest)")
         _check(self.keep_latest >= 1, "checkpoint.keep_latest must be >= 1")
         _check(self.keep_every >= 0 and self.keep_best >= 0, "checkpoint.keep_* must be >= 0")
 

@@ -225,6 +225,8 @@ def test_override_that_breaks_validation_is_rejected() -> None:
         ("train", {"log_every": 0}, "train.log_every must be positive"),
         ("train", {"eval_batches": 0}, "train.eval_"),
         ("checkpoint", {"keep_latest": 0}, "checkpoint.keep_latest must be >= 1"),
+        ("checkpoint", {"save_nice": 20}, r"checkpoint.save_nice must be 0-19"),
+        ("checkpoint", {"save_nice": -1}, r"checkpoint.save_nice must be 0-19"),
         ("checkpoint", {"every_steps": -1}, "checkpoint intervals must be >= 0"),
     ],
 )

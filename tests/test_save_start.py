@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,49 @@ def test_save_start_hands_the_snapshot_to_orbax_and_lets_it_go(tmp_path: Path) -
     assert start.done() and start.error is None and not d2h._SNAPSHOTS
     assert manager.all_steps() == [4]
     manager.close()
+
+
+def nices() -> dict[str, list[int]]:
+    """This process's threads' nice values, by thread name (``/proc``'s ``comm``)."""
+    out: dict[str, list[int]] = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+            out.setdefault(name, []).append(os.getpriority(os.PRIO_PROCESS, int(task)))
+        except (OSError, ValueError):  # ended meanwhile
+            continue
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread priorities are Linux's")  # CI: Linux
+@pytest.mark.parametrize("nice", [19, 0])
+def test_the_save_threads_give_way_to_training(tmp_path: Path, nice: int) -> None:
+    """While Orbax's save call runs, its thread and TensorStore's workers (started here by a save before it,
+    at nice 0) are at checkpoint.save_nice; the train loop's thread and XLA's are not."""
+    state = on_devices(host_state(1))
+    seen: list[tuple[int, dict[str, list[int]]]] = []
+    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=0)) as ckpt:
+        ckpt.save(1, state, iterator(), {})
+        ckpt.wait()
+    assert nices().get("ts_pool_worker"), "no TensorStore workers to lower: the test checks nothing"
+    try:  # earlier saves in this process lowered them; only root may raise them again
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().startswith("ts_"):
+                    os.setpriority(os.PRIO_PROCESS, int(task), 0)
+    except PermissionError:
+        pytest.skip("an unprivileged process cannot raise its TensorStore workers back to nice 0 (CI runs as root)")
+    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=nice)) as ckpt:
+        gate = Gate(ckpt.manager)
+        save = gate.save
+        gate.save = lambda *a, **k: (seen.append((os.getpriority(os.PRIO_PROCESS, 0), nices())), save(*a, **k))[1]
+        ckpt.save(2, state, iterator(), {})
+        gate.opened.set()
+        ckpt.wait()
+        assert ckpt.complete_steps() == [1, 2]
+    own, threads = seen[0]
+    assert own == nice
+    assert set(threads["ts_pool_worker"]) == {nice}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the caller's thread: the train loop
+    assert set(sum((v for k, v in threads.items() if k.startswith("tf_")), [])) <= {0}
