@@ -15,8 +15,7 @@ import pytest
 from jaxckpt import step as step_lib
 from jaxckpt.config import load_config
 from tests.test_bench_cli import load_bench
-
-TINY = ["model.d_model=32", "model.n_layers=1", "model.seq_len=16", "data.batch_size=8"]
+from tests.test_determinism import TINY
 
 
 @pytest.fixture
