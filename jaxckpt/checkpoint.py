@@ -178,21 +178,36 @@ class SaveStart:
             raise self.error
 
 
-def lower_save_threads(nice: int) -> None:
-    """Nice ``nice`` (Linux; nothing elsewhere or for 0) for the calling thread, hence for the threads it
-    starts (they inherit it), and for TensorStore's workers (named ``ts_*``), which a restore may have
-    started before. Those only move checkpoint bytes; an unprivileged thread cannot be raised back, so
-    call this only where the threads that get it do nothing else."""
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+def native_threads() -> Iterator[tuple[int, str]]:
+    """(thread id, name as the kernel has it) of each of this process's live threads (Linux ``/proc``)."""
     for task in Path("/proc/self/task").iterdir():
         try:
-            if (task / "comm").read_text().startswith("ts_"):
-                tid = int(task.name)
-                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            yield int(task.name), (task / "comm").read_text().strip()
         except (OSError, ValueError):  # the thread ended meanwhile
             continue
+
+
+def lower_this_thread(nice: int) -> bool:
+    """Nice ``nice`` for the calling thread, hence for the threads it starts from now on (they inherit it).
+    Linux only; False (nothing done) elsewhere or for 0. An unprivileged thread cannot be raised back, so
+    call this only on threads that do nothing but checkpoint I/O."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    return True
+
+
+def lower_save_threads(nice: int) -> None:
+    """:func:`lower_this_thread`, and the same for TensorStore's workers (named ``ts_*``), which a restore
+    may have started before at nice 0; they only move checkpoint bytes."""
+    if not lower_this_thread(nice):
+        return
+    for tid, name in native_threads():
+        if name.startswith("ts_"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            except OSError:  # the thread ended meanwhile
+                continue
 
 
 def starts_in_background(state: PyTree) -> bool:
@@ -320,7 +335,7 @@ class Checkpointer:
 
     def _finalize(self, pending: _Pending) -> None:
         try:
-            lower_save_threads(self.cfg.save_nice)
+            lower_this_thread(self.cfg.save_nice)  # the save's start already lowered TensorStore's workers
             known = pending.checksums.stop() if pending.checksums is not None else None
             integrity.write_manifest(self.step_dir(pending.step), known)
             pending.durable_at = time.perf_counter()

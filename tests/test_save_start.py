@@ -175,12 +175,10 @@ def test_save_start_hands_the_snapshot_to_orbax_and_lets_it_go(tmp_path: Path) -
 def nices() -> dict[str, list[int]]:
     """This process's threads' nice values, by thread name (``/proc``'s ``comm``)."""
     out: dict[str, list[int]] = {}
-    for task in os.listdir("/proc/self/task"):
+    for tid, name in ckpt_lib.native_threads():
         try:
-            with open(f"/proc/self/task/{task}/comm") as f:
-                name = f.read().strip()
-            out.setdefault(name, []).append(os.getpriority(os.PRIO_PROCESS, int(task)))
-        except (OSError, ValueError):  # ended meanwhile
+            out.setdefault(name, []).append(os.getpriority(os.PRIO_PROCESS, tid))
+        except ProcessLookupError:  # ended meanwhile
             continue
     return out
 
@@ -196,14 +194,13 @@ def test_the_save_threads_give_way_to_training(tmp_path: Path, nice: int) -> Non
         ckpt.save(1, state, iterator(), {})
         ckpt.wait()
     assert nices().get("ts_pool_worker"), "no TensorStore workers to lower: the test checks nothing"
-    for task in os.listdir("/proc/self/task"):  # earlier saves in this process lowered them
+    for tid, name in ckpt_lib.native_threads():  # earlier saves in this process lowered them
         try:
-            with open(f"/proc/self/task/{task}/comm") as f:
-                if f.read().startswith("ts_"):
-                    os.setpriority(os.PRIO_PROCESS, int(task), 0)
+            if name.startswith("ts_"):
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
         except PermissionError:  # only root may raise them again
             pytest.skip("an unprivileged process cannot raise its TensorStore workers back to nice 0 (CI: root)")
-        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+        except ProcessLookupError:  # the thread ended meanwhile
             continue
     with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=nice)) as ckpt:
         gate = Gate(ckpt.manager)
