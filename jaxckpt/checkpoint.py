@@ -26,7 +26,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt import d2h, distributed, fastread, integrity
+from jaxckpt import d2h, distributed, fastread, integrity, pacing
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.errors import CheckpointSaveError, ConfigError
 from jaxckpt.layout import convert, is_stacked, other_layout
@@ -149,11 +149,12 @@ class SaveStart:
     """
 
     def __init__(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite, state: PyTree,
-                 before: Callable[[], None] = lambda: None, nice: int = 0):
+                 before: Callable[[], None] = lambda: None, nice: int = 0, pacer: pacing.WritePacer | None = None):
         """``before`` runs on the thread ahead of Orbax's save call; the thread, and the threads Orbax and
-        TensorStore start from it, run at nice ``nice`` (:func:`lower_save_threads`)."""
+        TensorStore start from it, run at nice ``nice`` (:func:`lower_save_threads`); ``pacer`` paces the
+        array writes (:mod:`jaxckpt.pacing`)."""
         self.error: BaseException | None = None
-        self._before, self._nice = before, nice
+        self._before, self._nice, self._pacer = before, nice, pacer
         self._snapshot = d2h.Snapshot(state)
         self._thread = threading.Thread(target=self._run, args=(manager, step, args), name="jaxckpt-save-start")
         self._thread.start()
@@ -162,7 +163,8 @@ class SaveStart:
         try:
             lower_save_threads(self._nice)
             self._before()
-            manager.save(step, args=args, force=True)
+            with pacing.pacing(self._pacer):
+                manager.save(step, args=args, force=True)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by join()
             self.error = e
         finally:
@@ -226,6 +228,7 @@ class _Pending:
     t0: float
     blocking: float
     start: SaveStart | None = None  # Orbax's save call, while it runs on a thread
+    pacer: pacing.WritePacer | None = None  # the save's write pace, lifted by wait()
     checksums: integrity.EarlyChecksums | None = None  # CRC32s taken in wait() while Orbax still writes
     finalizer: threading.Thread | None = None
     error: BaseException | None = None
@@ -277,12 +280,13 @@ class Checkpointer:
         return self.cfg.enabled and self.schedule.should_save(step)
 
     # -- saving ----------------------------------------------------------------------------
-    def save(self, step: int, state: PyTree, data_iter: Any, meta: dict[str, Any]) -> float:
-        """Start saving ``step``; returns the seconds the caller was blocked."""
+    def save(self, step: int, state: PyTree, data_iter: Any, meta: dict[str, Any], paced: bool = False) -> float:
+        """Start saving ``step``; returns the seconds the caller was blocked. ``paced``: training goes on
+        beside this save, whose writes may then keep to ``checkpoint.write_mb_s`` (:meth:`pacer_for`)."""
         self.wait()
         t0 = time.perf_counter()
         self.schedule.saved(step)
-        start = None
+        start, pacer = None, None
         try:
             args = ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state, ocdbt_target_data_file_size=OCDBT_TARGET_FILE_BYTES),
@@ -291,7 +295,9 @@ class Checkpointer:
             )
             with gc_paused():
                 if self.cfg.async_save and starts_in_background(state):
-                    start = SaveStart(self.manager, step, args, state, self._purge_deleted, self.cfg.save_nice)
+                    pacer = self.pacer_for(paced)
+                    start = SaveStart(self.manager, step, args, state, self._purge_deleted, self.cfg.save_nice,
+                                      pacer)
                 else:
                     self._purge_deleted()
                     self.manager.save(step, args=args, force=True)
@@ -300,11 +306,17 @@ class Checkpointer:
             return time.perf_counter() - t0
         blocking = time.perf_counter() - t0
         self._metrics[step] = dict(meta.get("metrics", {}))
-        self._pending = _Pending(step, t0, blocking, start)
+        self._pending = _Pending(step, t0, blocking, start, pacer)
         self.last_blocking_s = blocking
         if not self.cfg.async_save:
             self.wait()
         return blocking
+
+    def pacer_for(self, paced: bool) -> pacing.WritePacer | None:
+        """A pace for a save beside training that would take the train step's cores; None: write at once."""
+        if not paced or self.cfg.write_mb_s <= 0 or not pacing.shares_cores():
+            return None
+        return pacing.WritePacer(self.cfg.write_mb_s)
 
     def _purge_deleted(self) -> None:
         """Remove the steps retention moved to :data:`TODELETE` (process 0; they are no checkpoints now)."""
@@ -380,6 +392,8 @@ class Checkpointer:
         p = self._pending
         if p is None:
             return
+        if p.pacer is not None:
+            p.pacer.lift()  # the caller waits: nothing left to share the cores with
         if self.cfg.async_save and p.finalizer is None and jax.process_index() == 0:
             # The caller waits anyway, so the cores are free: checksum the files Orbax has finished
             # while it writes the rest. (Beside training it would take CPU from the train steps.)
@@ -409,7 +423,7 @@ class Checkpointer:
         self.on_event("checkpoint", step=p.step, blocking=p.blocking, durable=self.last_durable_s, bytes=size)
         log(f"checkpoint {p.step}: {size / 1e6:.1f} MB, blocked {p.blocking:.3f}s, "
             f"durable and verified in {self.last_durable_s:.2f}s")
-        if self.last_durable_s > self.cfg.grace_seconds:
+        if p.pacer is None and self.last_durable_s > self.cfg.grace_seconds:  # a preemption lifts a pace
             log(f"WARNING: this save took {self.last_durable_s:.1f}s, more than checkpoint.grace_seconds="
                 f"{self.cfg.grace_seconds:g}: a preemption notice may end the job before its checkpoint is durable")
         self.apply_retention()

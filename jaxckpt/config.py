@@ -127,10 +127,16 @@ class CheckpointConfig:
     # Nice value (Linux) of the threads that write a save beside training: Orbax's, TensorStore's and the
     # manifest's. 19 leaves the cores to the train step; 0 runs them as training runs.
     save_nice: int = 19
+    # On the CPU backend, where the train step and a save share the cores: a save the trainer starts beside
+    # training (not the last one, nor one at a preemption) writes at most this many MB/s, in windows every
+    # 0.5 s, so its CPU spreads over several steps. Anything that waits for the save lifts the pace. 0: write
+    # at once. Ignored on accelerators and with several processes (jaxckpt.pacing).
+    write_mb_s: float = 32.0
 
     def validate(self) -> None:
         _check(self.every_steps >= 0 and self.every_seconds >= 0, "checkpoint intervals must be >= 0")
         _check(0 <= self.save_nice <= 19, "checkpoint.save_nice must be 0-19 (0: as training, 19: lowest)")
+        _check(self.write_mb_s >= 0, "checkpoint.write_mb_s must be >= 0 (0: saves write at once)")
         _check(self.keep_latest >= 1, "checkpoint.keep_latest must be >= 1")
         _check(self.keep_every >= 0 and self.keep_best >= 0, "checkpoint.keep_* must be >= 0")
 

@@ -186,9 +186,11 @@ def step_program(cfg: Config) -> dict[str, Any]:
             "data.batch_size": cfg.data.batch_size, "train.deterministic": cfg.train.deterministic}
 
 
-def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start) -> None:
+def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start,
+         paced: bool = False) -> None:
+    """Save ``step``; ``paced`` for the periodic saves that training runs beside (checkpoint.write_mb_s)."""
     meta = resume_lib.checkpoint_meta(run, step, start.offset, run.last_metrics)
-    ckpt.save(step, state, start.iterator, meta)
+    ckpt.save(step, state, start.iterator, meta, paced=paced)
 
 
 def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.Start,
@@ -205,7 +207,7 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
             ckpt.wait()
             raise Preempted(step, guard.signame or "a preemption notice (SIGTERM, via JAX)")
         if ckpt.should_save(step):
-            save(run, ckpt, step, state, start)
+            save(run, ckpt, step, state, start, paced=True)
         batch = run.data.to_global(next(it))
         if step == start.step:  # the first step compiles (or loads from the cache): time it
             t_first = time.perf_counter()

@@ -1,0 +1,92 @@
+"""Write pacing: a save beside CPU training writes its arrays in windows, not in one burst.
+
+On the CPU backend the train step and the save share the cores. XLA keeps both of a small machine's
+cores busy, and whatever CPU a save takes (TensorStore copying into the page cache, Orbax's per-array
+Python) comes out of the step running beside it, whatever the save threads' priority: XLA's threads wait
+for each other at every op, and a kernel without preemption (``preempt=none``, as on the 2-core VM of
+benchmarks/README.md) finishes a write call before a woken XLA thread runs. Written at once, a 129 MB save
+made one step 1.4-1.5x as long there; admitted at 16 MB per 0.5 s, no step beside it went past 1.2x
+(benchmarks/README.md §2).
+
+A :class:`WritePacer` is the byte limiter Orbax consults before each array write
+(``ParamInfo.byte_limiter``): it admits up to ``rate * period`` bytes per window, the next window opening
+``period`` later (or later still, so that one large array keeps the average rate). Writes admitted in one
+window go together, so Orbax's OCDBT writer commits them together. A limiter other than Orbax's unlimited
+one makes Orbax write without its all-at-once transaction: each window's arrays are one more OCDBT commit,
+still a standard Orbax checkpoint. :meth:`WritePacer.lift` lets the rest through at once (whoever waits
+for the save: the next save, a preemption, the end of training).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import jax
+from orbax.checkpoint._src.serialization import limits
+
+PERIOD_S = 0.5
+POLL_S = 0.05  # how soon a waiting write notices lift()
+
+
+class WritePacer(limits.ByteLimiter):
+    """Admits writes in windows of at most ``mb_per_s * period_s`` MB, one window every ``period_s``."""
+
+    def __init__(self, mb_per_s: float, period_s: float = PERIOD_S, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        if mb_per_s <= 0 or period_s <= 0:
+            raise ValueError(f"a pace needs a positive rate and period, not {mb_per_s} MB/s every {period_s} s")
+        self.rate, self.burst, self.period = mb_per_s * 1e6, mb_per_s * 1e6 * period_s, period_s
+        self._clock, self._sleep = clock, sleep
+        self._opens: float | None = None  # when the current window opens
+        self._used = 0.0  # bytes admitted in the current window
+        self.lifted = False
+        self.windows = 0  # windows opened so far (for tests and reports)
+
+    def _window_for(self, n: int) -> float:
+        """The opening time of the window that admits ``n`` more bytes (the current one, or a new one)."""
+        if self._opens is None:
+            self._opens, self.windows = self._clock(), 1
+        elif self._used > 0 and self._used + n > self.burst:
+            self._opens += max(self.period, self._used / self.rate)
+            self._used, self.windows = 0.0, self.windows + 1
+        self._used += n
+        return self._opens
+
+    async def wait_for_bytes(self, requested_bytes: int) -> None:
+        opens = self._window_for(requested_bytes)
+        while not self.lifted and (left := opens - self._clock()) > 0:
+            await self._sleep(min(left, POLL_S))
+
+    async def release_bytes(self, requested_bytes: int) -> None:
+        del requested_bytes  # windows pace starts; finished writes free nothing
+
+    def lift(self) -> None:
+        """Admit everything from now on (thread-safe: waiting writes notice within ``POLL_S``)."""
+        self.lifted = True
+
+
+_CURRENT: contextvars.ContextVar[WritePacer | None] = contextvars.ContextVar("jaxckpt_write_pacer", default=None)
+
+
+def current() -> WritePacer | None:
+    """The pacer of the save being started on this thread (see :func:`pacing`), if any."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def pacing(pacer: WritePacer | None) -> Iterator[WritePacer | None]:
+    """``with pacing(pacer):`` array writes of saves started inside it go through ``pacer`` (None: unpaced)."""
+    token = _CURRENT.set(pacer)
+    try:
+        yield pacer
+    finally:
+        _CURRENT.reset(token)
+
+
+def shares_cores() -> bool:
+    """Whether the train step runs on the host's cores (the CPU backend), which a save's writes then take."""
+    return jax.default_backend() == "cpu"
