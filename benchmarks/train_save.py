@@ -11,9 +11,10 @@
 Everything runs through the library's own path: ``Run.build(cfg, workdir)`` (the jitted, donating train
 step and the Grain pipeline), ``jaxckpt.state.create_state``, and ``Checkpointer(dir, cfg.checkpoint)``
 driven through ``trainer.save`` (``resume.checkpoint_meta`` + ``Checkpointer.save(step, state, iterator,
-meta)``), called *before* the next step exactly as ``trainer.loop`` does. Tinyshakespeare is prepared into
-a temp dir if ``/work/shared/data/tinyshakespeare.txt`` exists, else the default corpus is used; JAX's
-persistent compilation cache is the trainer's (``train.compilation_cache``).
+meta, paced=True)``), called *before* the next step exactly as ``trainer.loop`` does (its periodic saves
+keep to ``checkpoint.write_mb_s`` on the CPU backend; the save alone, which nothing runs beside, does not).
+Tinyshakespeare is prepared into a temp dir if ``/work/shared/data/tinyshakespeare.txt`` exists, else the
+default corpus is used; JAX's persistent compilation cache is the trainer's (``train.compilation_cache``).
 
 A *step* is timed as one iteration of the trainer's loop: ``next(iterator)`` + ``DataPipeline.to_global``
 + ``run.step_fn`` + ``jax.block_until_ready`` (state and metrics) + ``Checkpointer.poll()``, each step
@@ -320,19 +321,19 @@ class Bench:
         steps = [self.one_step() for _ in range(n)]
         return Normal(steps, self.watcher.end_window())
 
-    def start_save(self) -> tuple[int, float, float]:
+    def start_save(self, paced: bool) -> tuple[int, float, float]:
         """``trainer.save`` at the current step (metrics as the trainer's last log row); (step, wall, CPU)."""
         self.run.last_metrics = {k: float(v) for k, v in jax.device_get(self.metrics).items()}
         start = resume_lib.Start(self.state, self.step, self.it, 0)
         w, c = time.perf_counter(), time.process_time()
-        trainer_lib.save(self.run, self.ckpt, self.step, self.state, start)
+        trainer_lib.save(self.run, self.ckpt, self.step, self.state, start, paced=paced)
         self.watcher.arm(w)
         return self.step, time.perf_counter() - w, time.process_time() - c
 
     def save_window(self, max_steps: int, train_beside: bool = True) -> SaveWindow:
         """Save, then step until the save is complete (or ``max_steps`` steps, then ``wait()``)."""
         self.watcher.begin_window()
-        step, blocking, blocking_cpu = self.start_save()
+        step, blocking, blocking_cpu = self.start_save(paced=train_beside)
         steps: list[Step] = []
         while train_beside and len(steps) < max_steps and self._completed(step) is None and self.ckpt_pending():
             steps.append(self.one_step())
@@ -505,6 +506,11 @@ def command(argv: list[str]) -> str:
     return shlex.join([exe, "benchmarks/train_save.py", *argv])
 
 
+def pace(bench: Bench) -> str:
+    pacer = bench.ckpt.pacer_for(paced=True)
+    return f"{pacer.rate / 1e6:g} MB/s in windows every {pacer.period:g} s" if pacer else "none (writes at once)"
+
+
 def header(cfg: Config, args: argparse.Namespace, bench: Bench, argv: list[str], load0: str) -> list[str]:
     mc = cfg.model
     return [
@@ -516,7 +522,7 @@ def header(cfg: Config, args: argparse.Namespace, bench: Bench, argv: list[str],
         f"train state {bench.state_bytes / 1e6:.1f} MB; data {bench.run.data.path}",
         f"checkpoint: every_steps={cfg.checkpoint.every_steps} (N={args.every}), async_save="
         f"{cfg.checkpoint.async_save}, keep_latest={cfg.checkpoint.keep_latest}; dir {bench.ckpt.directory}; "
-        f"save threads priority: {args.save_priority}",
+        f"save threads priority: {args.save_priority}; write pace beside training: {pace(bench)}",
         f"windows: {args.reps} saves, {args.normal_steps} steps per normal window, {args.reps + 1} normal windows, "
         f"interleaved; each step = next batch + to_global + step_fn + block_until_ready + Checkpointer.poll()",
     ]
