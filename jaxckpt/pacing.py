@@ -10,7 +10,10 @@ made one step 1.4-1.5x as long there; admitted at 16 MB per 0.5 s, no step besid
 
 A :class:`WritePacer` is the byte limiter Orbax consults before each array write
 (``ParamInfo.byte_limiter``): it admits up to ``rate * period`` bytes per window, the next window opening
-``period`` later (or later still, so that one large array keeps the average rate). Writes admitted in one
+``period`` later (or later still, so that one large array keeps the average rate). The first opens one
+period after the save's first request, so that Orbax's per-array set-up, which comes before, and the first
+writes fall in different steps (max step 1.15x in two runs, against 1.18x and 1.29x with the first window
+at once). Writes admitted in one
 window go together, so Orbax's OCDBT writer commits them together. A limiter other than Orbax's unlimited
 one makes Orbax write without its all-at-once transaction: each window's arrays are one more OCDBT commit,
 still a standard Orbax checkpoint. :meth:`WritePacer.lift` lets the rest through at once (whoever waits
@@ -48,8 +51,8 @@ class WritePacer(limits.ByteLimiter):
 
     def _window_for(self, n: int) -> float:
         """The opening time of the window that admits ``n`` more bytes (the current one, or a new one)."""
-        if self._opens is None:
-            self._opens, self.windows = self._clock(), 1
+        if self._opens is None:  # after Orbax's set-up for the arrays (see the module doc)
+            self._opens, self.windows = self._clock() + self.period, 1
         elif self._used > 0 and self._used + n > self.burst:
             self._opens += max(self.period, self._used / self.rate)
             self._used, self.windows = 0.0, self.windows + 1

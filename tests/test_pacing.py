@@ -51,7 +51,8 @@ def admitted_at(pacer: WritePacer, fake: FakeTime, sizes: list[int]) -> list[flo
 def test_writes_are_admitted_in_windows_of_rate_times_period() -> None:
     fake = FakeTime()
     pacer = WritePacer(8, period_s=1.0, clock=fake.clock, sleep=fake.sleep)  # 8 MB per 1 s window
-    assert admitted_at(pacer, fake, [2 * MB] * 5) == [0, 0, 0, 0, 1.0]  # four fit the first window
+    # The first window opens one period after the first request; four requests fit in it.
+    assert admitted_at(pacer, fake, [2 * MB] * 5) == [1.0, 1.0, 1.0, 1.0, 2.0]
     assert pacer.windows == 2
 
 
@@ -59,16 +60,17 @@ def test_a_large_write_gets_a_window_of_its_own_and_keeps_the_average_rate() -> 
     fake = FakeTime()
     pacer = WritePacer(8, period_s=1.0, clock=fake.clock, sleep=fake.sleep)
     # 6 MB each: two never share a window. 30 MB takes a window alone, and the next opens 30/8 s later.
-    assert admitted_at(pacer, fake, [6 * MB, 6 * MB, 30 * MB, 1 * MB]) == [0, 1.0, 2.0, 5.75]
+    assert admitted_at(pacer, fake, [6 * MB, 6 * MB, 30 * MB, 1 * MB]) == [1.0, 2.0, 3.0, 6.75]
 
 
 def test_lift_lets_a_waiting_write_through() -> None:
     fake = FakeTime()
     pacer = WritePacer(1, period_s=10.0, clock=fake.clock, sleep=fake.sleep)
     fake.on_sleep = lambda: pacer.lift() if fake.now >= 1.0 else None
-    # The second window would open at 10 s; lifted at 1 s, it goes within one poll of that.
-    assert admitted_at(pacer, fake, [10 * MB, 1 * MB]) == [0, pytest.approx(1.0, abs=pacing.POLL_S)]
-    assert admitted_at(pacer, fake, [50 * MB]) == [pytest.approx(1.0, abs=pacing.POLL_S)]  # and all after it
+    # The windows would open at 10 s and 20 s; lifted at 1 s, both go within one poll of that.
+    lifted = pytest.approx(1.0, abs=pacing.POLL_S)
+    assert admitted_at(pacer, fake, [10 * MB, 1 * MB]) == [lifted, lifted]
+    assert admitted_at(pacer, fake, [50 * MB]) == [lifted]  # and all that come after
 
 
 def test_a_pace_needs_a_positive_rate() -> None:
