@@ -13,11 +13,11 @@ A :class:`WritePacer` is the byte limiter Orbax consults before each array write
 ``period`` later (or later still, so that one large array keeps the average rate). The first opens one
 period after the save's first request, so that Orbax's per-array set-up, which comes before, and the first
 writes fall in different steps (max step 1.15x in two runs, against 1.18x and 1.29x with the first window
-at once). Writes admitted in one
-window go together, so Orbax's OCDBT writer commits them together. A limiter other than Orbax's unlimited
-one makes Orbax write without its all-at-once transaction: each window's arrays are one more OCDBT commit,
-still a standard Orbax checkpoint. :meth:`WritePacer.lift` lets the rest through at once (whoever waits
-for the save: the next save, a preemption, the end of training).
+at once). Orbax's handler writes without an OCDBT transaction anyway (its default limit of 96 GB in
+flight is a byte limiter too): OCDBT commits the writes pending together, in batches. Writes admitted in
+one window are pending together, so a window is one batch or a few: the same standard Orbax checkpoint in
+a few more files. :meth:`WritePacer.lift` lets the rest through at once (whoever waits for the save: the
+next save, a preemption, the end of training).
 """
 
 from __future__ import annotations
