@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from test_determinism import TINY
+from test_policies import FakeClock
 from test_save_start import iterator
 
 from jaxckpt import checkpoint as ckpt_lib
@@ -23,17 +24,15 @@ from jaxckpt.trainer import train
 MB = 1_000_000
 
 
-class FakeTime:
-    """A clock that only its sleep moves; ``on_sleep`` runs at each sleep (to lift a pacer mid-wait)."""
+class FakeTime(FakeClock):
+    """A FakeClock that its async sleep moves; ``on_sleep`` runs at each sleep (to lift a pacer mid-wait)."""
 
     def __init__(self) -> None:
-        self.now, self.on_sleep = 0.0, lambda: None
-
-    def clock(self) -> float:
-        return self.now
+        super().__init__(0.0)
+        self.on_sleep = lambda: None
 
     async def sleep(self, dt: float) -> None:
-        self.now += dt
+        self.advance(dt)
         self.on_sleep()
 
 
@@ -43,14 +42,14 @@ def admitted_at(pacer: WritePacer, fake: FakeTime, sizes: list[int]) -> list[flo
         out = []
         for n in sizes:
             await pacer.wait_for_bytes(n)
-            out.append(round(fake.now, 6))
+            out.append(round(fake.t, 6))
         return out
     return asyncio.run(run())
 
 
 def test_writes_are_admitted_in_windows_of_rate_times_period() -> None:
     fake = FakeTime()
-    pacer = WritePacer(8, period_s=1.0, clock=fake.clock, sleep=fake.sleep)  # 8 MB per 1 s window
+    pacer = WritePacer(8, period_s=1.0, clock=fake, sleep=fake.sleep)  # 8 MB per 1 s window
     # The first window opens one period after the first request; four requests fit in it.
     assert admitted_at(pacer, fake, [2 * MB] * 5) == [1.0, 1.0, 1.0, 1.0, 2.0]
     assert pacer.windows == 2
@@ -58,15 +57,15 @@ def test_writes_are_admitted_in_windows_of_rate_times_period() -> None:
 
 def test_a_large_write_gets_a_window_of_its_own_and_keeps_the_average_rate() -> None:
     fake = FakeTime()
-    pacer = WritePacer(8, period_s=1.0, clock=fake.clock, sleep=fake.sleep)
+    pacer = WritePacer(8, period_s=1.0, clock=fake, sleep=fake.sleep)
     # 6 MB each: two never share a window. 30 MB takes a window alone, and the next opens 30/8 s later.
     assert admitted_at(pacer, fake, [6 * MB, 6 * MB, 30 * MB, 1 * MB]) == [1.0, 2.0, 3.0, 6.75]
 
 
 def test_lift_lets_a_waiting_write_through() -> None:
     fake = FakeTime()
-    pacer = WritePacer(1, period_s=10.0, clock=fake.clock, sleep=fake.sleep)
-    fake.on_sleep = lambda: pacer.lift() if fake.now >= 1.0 else None
+    pacer = WritePacer(1, period_s=10.0, clock=fake, sleep=fake.sleep)
+    fake.on_sleep = lambda: pacer.lift() if fake.t >= 1.0 else None
     # The windows would open at 10 s and 20 s; lifted at 1 s, both go within one poll of that.
     lifted = pytest.approx(1.0, abs=pacing.POLL_S)
     assert admitted_at(pacer, fake, [10 * MB, 1 * MB]) == [lifted, lifted]
