@@ -5,19 +5,18 @@ cores busy, and whatever CPU a save takes (TensorStore copying into the page cac
 Python) comes out of the step running beside it, whatever the save threads' priority: XLA's threads wait
 for each other at every op, and a kernel without preemption (``preempt=none``, as on the 2-core VM of
 benchmarks/README.md) finishes a write call before a woken XLA thread runs. Written at once, a 129 MB save
-made one step 1.4-1.5x as long there; admitted at 16 MB per 0.5 s, no step beside it went past 1.2x
-(benchmarks/README.md §2).
+made one step 1.34-1.57x as long there; admitted at 16 MB per 0.5 s, the slowest step beside it was
+1.14-1.19x in 6 of 8 runs, 1.26x and 1.29x in the other two (benchmarks/README.md §2).
 
 A :class:`WritePacer` is the byte limiter Orbax consults before each array write
 (``ParamInfo.byte_limiter``): it admits up to ``rate * period`` bytes per window, the next window opening
 ``period`` later (or later still, so that one large array keeps the average rate). The first opens one
 period after the save's first request, so that Orbax's per-array set-up, which comes before, and the first
-writes fall in different steps (max step 1.15x in two runs, against 1.18x and 1.29x with the first window
-at once). Orbax's handler writes without an OCDBT transaction anyway (its default limit of 96 GB in
-flight is a byte limiter too): OCDBT commits the writes pending together, in batches. Writes admitted in
-one window are pending together, so a window is one batch or a few: the same standard Orbax checkpoint in
-a few more files. :meth:`WritePacer.lift` lets the rest through at once (whoever waits for the save: the
-next save, a preemption, the end of training).
+writes fall in different steps. Orbax's handler writes without an OCDBT transaction anyway (its default
+limit of 96 GB in flight is a byte limiter too): OCDBT commits the writes pending together, in batches.
+Writes admitted in one window are pending together, so a window is one batch or a few: the same standard
+Orbax checkpoint in a few more files. :meth:`WritePacer.lift` lets the rest through at once (whoever
+waits for the save: the next save, a preemption, the end of training).
 """
 
 from __future__ import annotations
