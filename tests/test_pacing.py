@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from test_determinism import TINY
 from test_policies import FakeClock
+from test_resume import load_state
 from test_save_start import iterator
 
 from jaxckpt import checkpoint as ckpt_lib
@@ -83,39 +84,37 @@ def one_device_state(step: int) -> dict[str, jax.Array]:
     return {f"a{i}": jax.device_put(rng.standard_normal((250, 250), np.float32)) for i in range(4)}
 
 
-def check_reads_back(ckpt: Checkpointer, step: int, state: dict[str, jax.Array]) -> None:
-    """Bit for bit, through the Checkpointer and through plain Orbax."""
+def check_reads_back(ckpt: Checkpointer, workdir: Path, step: int, state: dict[str, jax.Array]) -> None:
+    """Bit for bit, through the Checkpointer and through plain Orbax (``test_resume.load_state``)."""
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
     restored = ckpt.restore(step, abstract, None)
-    args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    with ocp.PyTreeCheckpointer() as plain:
-        also = plain.restore(ckpt.step_dir(step) / "state", args=ocp.args.PyTreeRestore(abstract, restore_args=args))
+    plain = load_state(workdir, step)
     for k, v in state.items():
         assert np.asarray(restored[k]).tobytes() == np.asarray(v).tobytes()
-        assert np.asarray(also[k]).tobytes() == np.asarray(v).tobytes()
+        assert plain[f"['{k}']"].tobytes() == np.asarray(v).tobytes()
 
 
 def test_a_paced_save_writes_in_windows_and_reads_back_bit_for_bit(tmp_path: Path) -> None:
     """1 MB at 1 MB/s in 0.5 s windows of 0.5 MB: two arrays per window. Polled to completion as the train
     loop does, not waited on."""
     state = one_device_state(1)
-    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(write_mb_s=1.0)) as ckpt:
+    with Checkpointer(tmp_path / "checkpoints", CheckpointConfig(write_mb_s=1.0)) as ckpt:
         ckpt.save(1, state, iterator(), {"step": 1}, paced=True)
         pacer = ckpt._pending.pacer
         assert pacer is not None
         while ckpt._pending is not None:  # as the train loop does between steps
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
             ckpt.poll()
         assert not pacer.lifted and pacer.windows == 2
         assert ckpt.complete_steps() == [1]
-        check_reads_back(ckpt, 1, state)
+        check_reads_back(ckpt, tmp_path, 1, state)
 
 
 def test_waiting_for_a_paced_save_lifts_the_pace(tmp_path: Path) -> None:
     """At 1 KB/s the save would take ~12 min (each window opens 250 s after the one before); wait() (the
     next save, a preemption, the end of training) lifts the pace."""
     state = one_device_state(2)
-    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(write_mb_s=0.001)) as ckpt:
+    with Checkpointer(tmp_path / "checkpoints", CheckpointConfig(write_mb_s=0.001)) as ckpt:
         ckpt.save(2, state, iterator(), {"step": 2}, paced=True)
         pacer = ckpt._pending.pacer
         waiter = threading.Thread(target=ckpt.wait)
@@ -126,7 +125,7 @@ def test_waiting_for_a_paced_save_lifts_the_pace(tmp_path: Path) -> None:
         waiter.join()
         assert lifted_by_wait, "wait() did not lift the pace"
         assert pacer.lifted and ckpt.complete_steps() == [2]
-        check_reads_back(ckpt, 2, state)
+        check_reads_back(ckpt, tmp_path, 2, state)
 
 
 def test_only_saves_beside_training_on_the_cpu_backend_are_paced(tmp_path: Path,
