@@ -118,10 +118,14 @@ def _run_chain(setup: Setup, workdir: Path, chain: int, rng: random.Random, budg
             armed = p.wait_until(lambda n=rows0: faultlib.rows_written(workdir) > n)
         else:
             armed = p.wait_line(r"\] checkpoint \d+: ") is not None
-        if armed and p.sleep(delay):
-            at = p.elapsed()
+        killing = armed and p.sleep(delay)
+        at = p.elapsed()
+        if killing:
             p.kill_group()
-            rc = p.finish()
+        rc = p.finish()
+        # rc 0 after a kill: the trainer exited on its own between sleep()'s last look and the kill (a
+        # process that has exited keeps its exit status whatever is sent to it): it finished first.
+        if killing and rc != 0:
             assert rc == -signal.SIGKILL, f"{where}: expected death by SIGKILL, got {rc}\n{p.tail()}"
             kill = Kill(chain, segment, trigger, delay, at, faultlib.max_logged_step(workdir),
                         p.lines[-1][1] if p.lines else "")
@@ -131,7 +135,6 @@ def _run_chain(setup: Setup, workdir: Path, chain: int, rng: random.Random, budg
             _check_committed(workdir, f"after SIGKILL #{len(kills)} ({kill})")
         else:  # finished before the kill time: this chain is done
             nxt.close()
-            rc = p.finish()
             assert rc == 0, f"{where}: trainer failed ({rc}) before it could be killed\n{p.tail()}"
             _check_segment(workdir, p, before, incomplete, where)
             return
