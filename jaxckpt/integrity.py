@@ -11,10 +11,14 @@ import json
 import mmap
 import os
 import threading
-import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+try:  # zlib-ng's CRC-32 (carry-less multiply): the same values as zlib's, ~4x as fast; both release the GIL
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # a platform without a zlib-ng wheel
+    from zlib import crc32
 
 MANIFEST = "jaxckpt_manifest.json"
 FileVersion = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns: one version of a file's bytes
@@ -30,7 +34,7 @@ def _crc32(path: Path) -> int:
             length = min(CRC_WINDOW, size - offset)
             with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as mapped, \
                     memoryview(mapped) as view:
-                crc = zlib.crc32(view, crc)  # releases the GIL: files are checked on several threads
+                crc = crc32(view, crc)  # releases the GIL: files are checked on several threads
     return crc
 
 
@@ -40,7 +44,7 @@ def _crc32_read(path: Path, buffer: bytearray) -> int:
     crc, view = 0, memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
-            crc = zlib.crc32(view[:n], crc)
+            crc = crc32(view[:n], crc)
     return crc
 
 
@@ -49,7 +53,7 @@ def _files(step_dir: Path) -> list[Path]:
 
 
 def _pool() -> ThreadPoolExecutor:
-    """Threads for checksumming several files at once (zlib.crc32 releases the GIL)."""
+    """Threads for checksumming several files at once (:func:`crc32` releases the GIL)."""
     return ThreadPoolExecutor(min(4, os.cpu_count() or 1))
 
 

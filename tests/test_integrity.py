@@ -70,6 +70,17 @@ def test_manifest_records_each_file_and_verify_finds_a_flipped_byte(tmp_path: Pa
                                                 "(bytes changed after the save)"]
 
 
+def test_file_checksums_are_zlibs_crc32_across_windows_and_reads(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifests written with zlib's CRC32 must still verify: whichever implementation integrity uses
+    (zlib-ng's where installed) gives zlib's value for a file, mapped in windows or read in pieces."""
+    monkeypatch.setattr(integrity, "CRC_WINDOW", 2 * mmap.ALLOCATIONGRANULARITY)
+    data = np.random.default_rng(0).integers(0, 256, 5 * mmap.ALLOCATIONGRANULARITY + 12_345, np.uint8).tobytes()
+    write(tmp_path / "f", data)
+    assert integrity._crc32(tmp_path / "f") == zlib.crc32(data)
+    assert integrity._crc32_read(tmp_path / "f", bytearray(10_000)) == zlib.crc32(data)
+
+
 def test_early_checksums_wait_until_a_file_is_unchanged_for_a_sweep(tmp_path: Path) -> None:
     root = tmp_path / "1.orbax-checkpoint-tmp-5"
     write(root / "done", b"x" * 1000)
