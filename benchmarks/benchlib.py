@@ -28,18 +28,24 @@ SHAKESPEARE = Path(os.environ.get("JAXCKPT_BENCH_TEXT")
 
 
 SETTLE_S = 10.0
+BACKED_FACTOR = 2.5  # memory each timed writer finds freed just before, as a multiple of the bytes it writes
 
 
-def settle_memory() -> None:
-    """Wait until the memory freed before now has gone back to the host, where the VM reports free pages.
+def settle_memory(write_bytes: int) -> None:
+    """Put every timed writer in the same memory state: ``SETTLE_S`` idle, then ``BACKED_FACTOR`` times the
+    bytes it is about to write touched and freed, so that its page cache (and any copy it stages) comes out
+    of memory the host backs.
 
-    On the benchmark VM a write into the page cache costs several times more with memory the host took
-    back than with memory freed just before (README §1d): a 1 GB ``dd`` right after another one was
-    deleted took 0.5-0.8 s when it followed after 0-3 s, 1.4-1.8 s after 8, 15 or 30 s. Each timed writer
-    (``dd``, ``np.save``, every save) waits this long first, so none of them gets pages that something
-    before it happened to free, and their ratios compare the writers, not their luck.
+    On the benchmark VM a write into page-cache memory the host took back costs several times more than into
+    memory freed just before (README §1d): a 1 GB ``dd`` took 0.5-0.8 s 0-3 s after another one was deleted,
+    1.4-1.8 s 8-30 s after. Idle time alone did not make the writers equal (README §1, eleventh session): the
+    VM hands free memory back in 8 MiB blocks, a share of it per pass, and after 10 s idle ``dd`` still found
+    backed pages in some repetitions, while a save worker had spent what it found on building its state.
+    Freed just before, every writer finds backed memory, and the ratios compare writers at the disk's speed.
     """
     time.sleep(SETTLE_S)
+    backed = np.ones(int(write_bytes * BACKED_FACTOR) // 8)  # np.ones writes every page (np.zeros would not)
+    del backed  # unmapped: its pages go back to the kernel's free lists, not yet to the host
 
 
 def reset_peak_rss() -> None:

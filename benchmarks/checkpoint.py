@@ -20,8 +20,9 @@ Save: *blocking* = time ``CheckpointManager.save()`` holds the caller; *durable*
 directories without fsync; the fsync pass is timed and shown on its own). The table times the first save
 in its process; with ``--saves N`` the same process then saves N-1 more times (new jax.Array objects over the
 same buffers, each waited for) and a line gives their blocking, as later saves of a training run would see it.
-Every timed write (``dd``, ``np.save``, each variant's and PyTorch's save) starts after ``benchlib.settle_memory``
-(10 s idle), so that none of them writes into page-cache memory something had freed just before.
+Every timed write (``dd``, ``np.save``, each variant's and PyTorch's save) starts after ``benchlib.settle_memory``:
+10 s idle, then 2.5x the bytes it writes touched and freed in its own process (the parent's for ``dd``), so that
+every writer fills its page cache from memory the VM's host still backs (README §1, eleventh session).
 Restore: into the target shardings (ShapeDtypeStructs with NamedShardings), in a fresh process:
 a first restore (page cache warm from the save), then *cold* (after ``echo 3 > drop_caches``, or
 ``posix_fadvise(DONTNEED)`` on every checkpoint file if that is not permitted), then *warm* again:
@@ -345,7 +346,7 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"state_bytes": tree_bytes(state), "baseline_mb": baseline}
     mgr = variant.manager(directory)
     gc.collect()
-    benchlib.settle_memory()
+    benchlib.settle_memory(out["state_bytes"])
     benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     start = start_save(mgr, variant, 1, state)
@@ -473,7 +474,7 @@ def worker_numpy(args: argparse.Namespace) -> dict[str, Any]:
     baseline = benchlib.proc_status_mb("VmRSS")
     state = build_state(args.gb)
     gc.collect()
-    benchlib.settle_memory()
+    benchlib.settle_memory(tree_bytes(state))
     benchlib.reset_peak_rss()
     t0 = time.perf_counter()
     with open(path, "wb") as f:
@@ -589,7 +590,7 @@ WORKERS = {"save": worker_save, "restore": worker_restore, "numpy": worker_numpy
 def run_dd(directory: Path, nbytes: int) -> dict[str, float]:
     """dd write (conv=fdatasync) of ``nbytes`` into ``directory``, then a cold dd read of it."""
     path, count = directory / "dd.bin", math.ceil(nbytes / MiB)
-    benchlib.settle_memory()
+    benchlib.settle_memory(nbytes)
     t0 = time.perf_counter()
     subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync"],
                    check=True, capture_output=True)

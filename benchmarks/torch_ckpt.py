@@ -135,7 +135,7 @@ def timed_save(directory: Path, shapes: Shapes, save: Callable[[State], Any], wa
                            "torch": torch.__version__, "dcp_defaults": dcp_defaults()}
     directory.mkdir(parents=True, exist_ok=True)
     gc.collect()
-    benchlib.settle_memory()
+    benchlib.settle_memory(out["state_bytes"])
     benchlib.reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     handle = save(state)
