@@ -46,7 +46,7 @@ class WritePacer(limits.ByteLimiter):
         self._opens: float | None = None  # when the current window opens
         self._used = 0.0  # bytes admitted in the current window
         self.lifted = False
-        self.windows = 0  # windows opened so far (for tests and reports)
+        self.windows = 0  # windows opened so far (tests read it)
 
     def _window_for(self, n: int) -> float:
         """The opening time of the window that admits ``n`` more bytes (the current one, or a new one)."""
@@ -80,11 +80,11 @@ def current() -> WritePacer | None:
 
 
 @contextlib.contextmanager
-def pacing(pacer: WritePacer | None) -> Iterator[WritePacer | None]:
+def pacing(pacer: WritePacer | None) -> Iterator[None]:
     """``with pacing(pacer):`` array writes of saves started inside it go through ``pacer`` (None: unpaced)."""
     token = _CURRENT.set(pacer)
     try:
-        yield pacer
+        yield
     finally:
         _CURRENT.reset(token)
 
