@@ -873,6 +873,19 @@ def later_saves_note(results: dict[str, list[dict[str, Any]]], gb: float) -> lis
     return ["saves 2 and later in the same process (new array objects each): " + "; ".join(parts)] if parts else []
 
 
+def durable_pairs_note(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line: every writer's durable ×dd per repetition, against the ``dd`` run just before it.
+
+    The table's ×dd divides two medians; this shows the spread they hide (the disk's speed drifts from one
+    minute to the next on a shared host, README §1)."""
+    dd_s, parts = [r["write_s"] for r in results["dd"]], []
+    for name, rows in results.items():
+        pairs = [d / r["durable_s"] for d, r in zip(dd_s, rows, strict=False) if "durable_s" in r]
+        if name != "dd" and pairs:
+            parts.append(f"{name} " + " ".join(f"{x:.2f}" for x in pairs))
+    return ["durable ×dd per repetition (dd i / writer i): " + "; ".join(parts)] if parts else []
+
+
 def warm_trials_note(results: dict[str, list[dict[str, Any]]]) -> str:
     """Every warm restore behind the table's medians, per variant and repetition."""
     labels = {"numpy": "np.load", "torch": "torch.load", "dcp": "dcp.load"}
@@ -898,6 +911,7 @@ def report(args: argparse.Namespace, root: Path, nbytes: int, n_leaves: int,
         "",
         *save_rows(results, gb, state_mb),
         *later_saves_note(results, gb),
+        *durable_pairs_note(results),
         "",
         *restore_rows(results, gb, state_mb),
         warm_trials_note(results),

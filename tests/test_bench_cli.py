@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_bench(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -69,6 +70,18 @@ def test_median_trial_reports_the_middle_run_and_all_of_them() -> None:
     got = benchlib.median_trial(run, trials=3)
     assert got == {"s": 0.4, "run": 2, "trials_s": [0.9, 0.2, 0.4]}
     assert benchlib.median_trial(iter([{"s": 0.3}, {"s": 0.1}]).__next__, trials=2)["s"] == 0.1  # the lower
+
+
+def test_checkpoint_report_pairs_each_writer_with_the_dd_run_of_its_repetition() -> None:
+    """×dd per repetition divides dd's time of repetition i by the writer's of repetition i, skipping failed runs."""
+    ckpt = load_bench("checkpoint")
+    results = {"dd": [{"write_s": 0.5}, {"write_s": 0.6}, {"write_s": 0.4}],
+               "numpy": [],
+               "jaxckpt": [{"durable_s": 0.625}, {"durable_s": 0.5}, {"durable_s": 0.8}],
+               "torch": [{"durable_s": 1.0}, {"error": "rc 1"}, {"durable_s": 0.5}]}
+    assert ckpt.durable_pairs_note(results) == [
+        "durable ×dd per repetition (dd i / writer i): jaxckpt 0.80 1.20 0.50; torch 0.50 0.80"]
+    assert ckpt.durable_pairs_note({"dd": [{"write_s": 0.5}], "numpy": []}) == []
 
 
 @pytest.mark.parametrize("tied", [True, False])
