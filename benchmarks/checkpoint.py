@@ -880,8 +880,9 @@ def durable_pairs_note(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     minute to the next on a shared host, README §1)."""
     dd_s, parts = [r["write_s"] for r in results["dd"]], []
     for name, rows in results.items():
-        pairs = [] if name == "dd" else [d / r["durable_s"] for d, r in zip(dd_s, rows, strict=False)
-                                          if "durable_s" in r]
+        if name == "dd":
+            continue
+        pairs = [d / r["durable_s"] for d, r in zip(dd_s, rows, strict=False) if "durable_s" in r]
         if pairs:
             parts.append(f"{name} " + " ".join(f"{x:.2f}" for x in pairs))
     return ["durable ×dd per repetition (dd i / writer i): " + "; ".join(parts)] if parts else []
