@@ -26,7 +26,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt import d2h, distributed, fastread, integrity, pacing
+from jaxckpt import d2h, distributed, fastread, integrity, pacing, substores
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.errors import CheckpointSaveError, ConfigError
 from jaxckpt.layout import convert, is_stacked, other_layout
@@ -50,7 +50,7 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _type_handlers() -> Any:
+def _type_handlers(store_bytes: int = substores.STORE_BYTES) -> Any:
     """Orbax's default type handlers, but jax.Array without replica-parallel writes, through jaxckpt.d2h.
 
     Replica-parallel saving slices replicated arrays with eager jax ops, which compiles a
@@ -60,23 +60,27 @@ def _type_handlers() -> Any:
     from orbax.checkpoint._src.serialization import type_handler_registry as thr
 
     array = d2h.LeanArrayHandler(
-        replica_id=d2h.REPLICA_ID, use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+        replica_id=d2h.REPLICA_ID, use_replica_parallel=False, array_metadata_store=array_metadata_store.Store(),
+        store_bytes=store_bytes,
     )
     defaults = [(t, h) for t, h in thr._DEFAULT_TYPE_HANDLERS if t is not jax.Array]  # noqa: SLF001
     return thr.create_type_handler_registry(*defaults, (jax.Array, array))
 
 
-def state_handler() -> ocp.PyTreeCheckpointHandler:
+def state_handler(store_bytes: int = substores.STORE_BYTES) -> ocp.PyTreeCheckpointHandler:
     # Compression costs most of the save time on few cores for little space (DESIGN.md §3).
     # Host copies into pinned memory where Orbax's default puts them (GPUs): the handler and
     # jaxckpt.d2h.Snapshot follow the same switch.
     return ocp.PyTreeCheckpointHandler(
-        use_ocdbt=True, use_zarr3=True, use_compression=False, type_handler_registry=_type_handlers(),
+        use_ocdbt=True, use_zarr3=True, use_compression=False, type_handler_registry=_type_handlers(store_bytes),
         enable_pinned_host_transfer=d2h.pinned_by_default(),
     )
 
 
-def make_manager(directory: Path, async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(directory: Path, async_save: bool = True, read_only: bool = False,
+                 store_bytes: int = substores.STORE_BYTES) -> ocp.CheckpointManager:
+    """jaxckpt's Orbax manager: items state, data, meta; a save over ``store_bytes`` per process in several
+    OCDBT stores (:mod:`jaxckpt.substores`)."""
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
         read_only=read_only,
@@ -87,7 +91,7 @@ def make_manager(directory: Path, async_save: bool = True, read_only: bool = Fal
         todelete_subdir=TODELETE,
     )
     handlers = {
-        "state": state_handler(),
+        "state": state_handler(store_bytes),
         "data": grain.checkpoint.CheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
     }
@@ -248,7 +252,7 @@ class Checkpointer:
         self.directory, self.cfg, self.clock = Path(directory).absolute(), cfg, clock
         self.on_event = on_event or (lambda kind, **fields: None)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.manager = make_manager(self.directory, cfg.async_save)
+        self.manager = make_manager(self.directory, cfg.async_save, store_bytes=max(1, int(cfg.ocdbt_store_mb * 2**20)))
         self._purge_deleted()  # an earlier run's, if it stopped between retention and its next save
         self.schedule = save_schedule(cfg, clock)
         self.retention = retention(cfg)

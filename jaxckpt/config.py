@@ -132,11 +132,15 @@ class CheckpointConfig:
     # 0.5 s, so its CPU spreads over several steps. Anything that waits for the save lifts the pace. 0: write
     # at once. Ignored on accelerators and with several processes (jaxckpt.pacing).
     write_mb_s: float = 32.0
+    # A process writing more than this many MiB in one save spreads its arrays over several OCDBT stores
+    # (up to 8), whose commits overlap (jaxckpt.substores): the same plain Orbax checkpoint.
+    ocdbt_store_mb: float = 1024.0
 
     def validate(self) -> None:
         _check(self.every_steps >= 0 and self.every_seconds >= 0, "checkpoint intervals must be >= 0")
         _check(0 <= self.save_nice <= 19, "checkpoint.save_nice must be 0-19 (0: as training, 19: lowest)")
         _check(self.write_mb_s >= 0, "checkpoint.write_mb_s must be >= 0 (0: saves write at once)")
+        _check(self.ocdbt_store_mb > 0, "checkpoint.ocdbt_store_mb must be > 0 (MiB a save writes per OCDBT store)")
         _check(self.keep_latest >= 1, "checkpoint.keep_latest must be >= 1")
         _check(self.keep_every >= 0 and self.keep_best >= 0, "checkpoint.keep_* must be >= 0")
 

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 from orbax.checkpoint._src.serialization import replica_slices as rs
 
-from jaxckpt import pacing
+from jaxckpt import pacing, substores
 
 _LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_d2h", default=False)
 # Orbax's transfer_arrays_to_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
@@ -194,15 +194,27 @@ def install() -> bool:
 class LeanArrayHandler(ocp.type_handlers.ArrayHandler):
     """Orbax's ``ArrayHandler`` whose saves hand shards to the host with :func:`transfer` (see module doc)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, store_bytes: int = substores.STORE_BYTES, **kwargs: Any):
+        """``store_bytes``: what one OCDBT store of a save takes before the next begins (jaxckpt.substores)."""
         super().__init__(*args, **kwargs)
         install()
+        self._store_bytes = store_bytes if substores.install() else None
+
+    def _local_bytes(self, arr: jax.Array) -> int:
+        """Bytes of ``arr`` this process writes (the shards of the replica it writes)."""
+        if jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
+            return 0  # a few bytes of key data
+        shard_shape, picks = _plan(arr, self._replica_id)
+        return len(picks) * int(np.prod(shard_shape)) * arr.dtype.itemsize
 
     async def serialize(self, values: Sequence[jax.Array], infos: Sequence[Any],
                         args: Sequence[Any] | None = None) -> Any:
         pacer = pacing.current()
         if pacer is not None:  # a save beside CPU training: Orbax asks the pacer before each array write
             infos = [info.replace(byte_limiter=pacer) for info in infos]
+        if self._store_bytes and infos:  # a large save: several OCDBT stores (jaxckpt.substores)
+            substores.plan(infos[0].parent_dir, [info.name for info in infos], [self._local_bytes(v) for v in values],
+                           self._store_bytes)
         token = _LEAN.set(True)
         try:
             return await super().serialize(values, infos, args)

@@ -228,6 +228,7 @@ def test_override_that_breaks_validation_is_rejected() -> None:
         ("checkpoint", {"save_nice": 20}, r"checkpoint.save_nice must be 0-19"),
         ("checkpoint", {"save_nice": -1}, r"checkpoint.save_nice must be 0-19"),
         ("checkpoint", {"write_mb_s": -1.0}, r"checkpoint.write_mb_s must be >= 0"),
+        ("checkpoint", {"ocdbt_store_mb": 0.0}, r"checkpoint.ocdbt_store_mb must be > 0"),
         ("checkpoint", {"every_steps": -1}, "checkpoint intervals must be >= 0"),
     ],
 )

@@ -43,6 +43,9 @@ N = 12  # train.steps of every run
 K = 4  # --stop-at-step of the stopped run
 EVERY = ["checkpoint.every_steps=2"]  # periodic saves in the interrupted runs (the reference saves only at N)
 MODEL = ["model.d_model=32", "model.n_layers=1", "model.seq_len=32", "data.batch_size=8"]
+# Every save of these runs is spread over several OCDBT stores per process (jaxckpt.substores; by default only
+# saves over 1 GiB per process are), so that resuming from them across processes and topologies is proven too.
+STORES = ["checkpoint.ocdbt_store_mb=0.05"]
 QUIET = ["train.log_every=1", "train.progress=false", "train.tensorboard=false", "train.eval_every=0"]
 COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=60"
 HEARTBEAT_S = 10  # --heartbeat-timeout: a silent peer is declared dead after this long
@@ -63,7 +66,7 @@ class World:
     def train_args(self, workdir: Path, *overrides: str, stop_at: int | None = None,
                    flags: tuple[str, ...] = ()) -> list[str]:
         extra = ["--stop-at-step", str(stop_at)] if stop_at is not None else []
-        return ["train", "--workdir", str(workdir), *extra, *flags, f"data.path={self.data}", *MODEL, *QUIET,
+        return ["train", "--workdir", str(workdir), *extra, *flags, f"data.path={self.data}", *MODEL, *STORES, *QUIET,
                 f"train.steps={N}", *overrides]
 
     def _env(self, devices: int | None, processes: int) -> dict[str, str]:
@@ -175,6 +178,9 @@ def ref(world: World) -> Reference:
     assert mplib.committed_steps(workdir) == [N]
     meta = mplib.ckpt_meta(workdir, N)
     assert (meta["process_count"], meta["device_count"]) == (2, 4), meta
+    # The mesh is data-parallel: every array is replicated and process 0 writes them all (replica 0).
+    stores = {p.name for p in (workdir / "checkpoints" / str(N) / "state").glob("ocdbt.process_*")}
+    assert {"ocdbt.process_0", "ocdbt.process_0s1", "ocdbt.process_0s2"} <= stores, stores
     return Reference(workdir, losses, mplib.restore_arrays(workdir / "checkpoints" / str(N) / "state"),
                      p.t_exit - p.t0)
 
