@@ -245,6 +245,9 @@ VARIANTS: dict[str, Variant] = {
                                 "manifest is taken after Orbax's commit (no integrity.EarlyChecksums)"),
     "jaxckpt-orbax-d2h": replace(JAXCKPT, background=False, orbax_d2h=True, about="jaxckpt-sync-start, but with "
                                  "Orbax's own device-to-host step (no jaxckpt.d2h)"),
+    "jaxckpt-one-store": replace(JAXCKPT, manager=lambda d: make_manager(d, store_bytes=1 << 62),
+                                 about="jaxckpt as shipped, but every save in one OCDBT store per process "
+                                 "(no jaxckpt.substores split above checkpoint.ocdbt_store_mb)"),
     "jaxckpt-orbax-read": Variant("jaxckpt's save (no GC pause); restore through Orbax (fast_restore=false)",
                                   make_manager, _pytree_save(target_file_size=ckpt_lib.OCDBT_TARGET_FILE_BYTES),
                                   _restore_args, manifest=True),
