@@ -4,6 +4,7 @@ where jaxckpt's handler saves the case it covers (benchmarks/README.md, §1b).""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,19 +169,27 @@ def test_installed_over_this_orbax() -> None:
     assert d2h.install() and hasattr(rs.transfer_arrays_to_host, "jaxckpt_orbax")
 
 
+def assert_install_keeps(module: Any, owner: Any, name: str, theirs: Callable[..., Any],
+                         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, *said: str) -> None:
+    """With ``owner.name`` an Orbax function of another signature, ``module.install()`` declines, leaves that
+    function in place and warns with every one of ``said``; afterwards it installs over this Orbax again."""
+    monkeypatch.setattr(owner, name, theirs)
+    module.install.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=module.__name__):
+            assert module.install() is False
+        assert getattr(owner, name) is theirs
+        assert all(s in caplog.text for s in said), caplog.text
+    finally:
+        monkeypatch.undo()
+        module.install.cache_clear()
+    assert module.install()
+
+
 def test_another_orbax_keeps_its_own_function(monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
     def transfer_arrays_to_host(arrays: Any, replica_id: Any, *, new_option: bool = False) -> Any:
         return []
 
-    monkeypatch.setattr(rs, "transfer_arrays_to_host", transfer_arrays_to_host)
-    d2h.install.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="jaxckpt.d2h"):
-            assert d2h.install() is False
-        assert rs.transfer_arrays_to_host is transfer_arrays_to_host
-        assert "new_option" in caplog.text and "Orbax's own host transfer" in caplog.text
-    finally:
-        monkeypatch.undo()
-        d2h.install.cache_clear()
-    assert d2h.install()
+    assert_install_keeps(d2h, rs, "transfer_arrays_to_host", transfer_arrays_to_host, monkeypatch, caplog,
+                         "new_option", "Orbax's own host transfer")

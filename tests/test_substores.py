@@ -3,7 +3,6 @@ that plain Orbax and jaxckpt.fastread read back bit for bit (benchmarks/README.m
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from orbax.checkpoint._src.serialization import ocdbt_process_spec
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-from test_d2h import _save, arrays
+from test_d2h import _save, arrays, assert_install_keeps
 
 from jaxckpt import fastread, substores
 from jaxckpt.checkpoint import make_manager
@@ -82,13 +81,5 @@ def test_another_orbax_keeps_one_store(monkeypatch: pytest.MonkeyPatch, caplog: 
     def build_array_write_spec(info: Any, arg: Any = None, *, process_id: Any = None) -> Any:
         return None
 
-    monkeypatch.setattr(ts_utils, "build_array_write_spec", build_array_write_spec)
-    substores.install.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="jaxckpt.substores"):
-            assert substores.install() is False
-        assert ts_utils.build_array_write_spec is build_array_write_spec
-        assert "process_index" in caplog.text and "one OCDBT store" in caplog.text
-    finally:
-        monkeypatch.undo()
-        substores.install.cache_clear()
+    assert_install_keeps(substores, ts_utils, "build_array_write_spec", build_array_write_spec, monkeypatch, caplog,
+                         "process_index", "one OCDBT store")
