@@ -4,7 +4,9 @@ What is proven, against the real CLI (``jaxckpt launch`` and ``jaxckpt train --c
 
 1. stop every process after a checkpoint, relaunch the same command: bit-identical to an uninterrupted run;
 2. the same checkpoint resumes in 1 process (4 devices) and on another mesh (1 process, fsdp=2 on 2 devices)
-   with the same data stream (repositioned at the global batch), losses equal to rtol 1e-5;
+   with the same data stream (repositioned at the global batch), losses equal to rtol 1e-5; with fsdp=4 over
+   both processes, each writes its shards into OCDBT stores of its own (every run here saves into several,
+   ``STORES``), and plain Orbax and jaxckpt.fastread read the merged checkpoint to the same bytes;
 3. SIGTERM to one process: every process saves the same step and exits 143, the launcher exits 143, and the
    resumed run is bit-identical to the uninterrupted one;
 4. SIGKILL of one process: the other fails (non-zero) within a bound, and the run resumes from the last
@@ -247,6 +249,22 @@ def test_stop_and_relaunch_is_bit_identical(world: World, ref: Reference, stoppe
 
 
 # -- 2. other topologies -----------------------------------------------------------------------------------
+
+
+def test_fsdp_over_both_processes_each_writes_its_own_stores(world: World, tmp_path: Path) -> None:
+    """Params split over the devices of both processes: each process writes its shards into several OCDBT
+    stores of its own, and plain Orbax and jaxckpt.fastread read the merged checkpoint to the same bytes."""
+    workdir = tmp_path / "fsdp4"
+    p = world.launch(workdir, "mesh.data=1", "mesh.fsdp=4", "train.steps=2", name="fsdp4")
+    rc = p.wait()
+    assert rc == 0, p.tail()
+    state_dir = workdir / "checkpoints" / "2" / "state"
+    stores = {d.name for d in state_dir.glob("ocdbt.process_*")}
+    assert {"ocdbt.process_0s1", "ocdbt.process_1s1"} <= stores, stores
+    orbax, fast = mplib.restore_arrays(state_dir), mplib.fast_restore_arrays(state_dir)
+    assert orbax.keys() == fast.keys() and any(k.startswith("['params']") for k in orbax)
+    different = [k for k in orbax if orbax[k].dtype != fast[k].dtype or orbax[k].tobytes() != fast[k].tobytes()]
+    assert not different, different
 
 TOPOLOGIES = {
     "1proc-4dev": (4, ()),  # same mesh shape (data=4), one process
