@@ -135,6 +135,24 @@ def _save(manager: ocp.CheckpointManager, tree: dict[str, jax.Array]) -> None:
     manager.close()
 
 
+def abstract_of(tree: dict[str, jax.Array]) -> dict[str, Any]:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def orbax_read(item: Path, tree: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The ``state`` item at ``item`` read by plain Orbax into ``tree``'s shapes, dtypes and shardings."""
+    abstract = abstract_of(tree)
+    restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    return ocp.PyTreeCheckpointer().restore(item, args=restore)
+
+
+def assert_same_arrays(back: dict[str, jax.Array], tree: dict[str, jax.Array], what: str) -> None:
+    """Every array of ``tree`` came back with its sharding and every byte."""
+    for k, x in tree.items():
+        assert back[k].sharding == x.sharding, (what, k)
+        assert np.asarray(back[k]).tobytes() == np.asarray(x).tobytes(), (what, k)
+
+
 def test_jaxckpt_saves_use_it_stock_orbax_does_not_and_both_read_back(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     xs = arrays()
@@ -154,13 +172,8 @@ def test_jaxckpt_saves_use_it_stock_orbax_does_not_and_both_read_back(tmp_path: 
     _save(ocp.CheckpointManager(tmp_path / "stock", item_handlers=handlers), tree)
     assert sum(used) == len(xs), "a stock Orbax handler went through d2h.transfer"
 
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     for name in ("ours", "stock"):
-        back = ocp.PyTreeCheckpointer().restore(tmp_path / name / "1" / "state", args=restore)
-        for k, x in tree.items():
-            assert back[k].sharding == x.sharding
-            assert np.asarray(back[k]).tobytes() == np.asarray(x).tobytes(), (name, k)
+        assert_same_arrays(orbax_read(tmp_path / name / "1" / "state", tree), tree, name)
 
 
 def test_installed_over_this_orbax() -> None:
