@@ -270,21 +270,32 @@ def resumed_from(output: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _by_path(tree: Any) -> dict[str, Any]:
+    """A restored tree's leaves as host numpy arrays, keyed by tree path."""
+    import jax
+    import numpy as np
+
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_tree(state_dir: Path) -> Any:
+    """The ``state`` item's tree of array metadata, as Orbax reads it."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.metadata(Path(state_dir).resolve()).item_metadata.tree
+
+
 def fast_restore_arrays(state_dir: Path) -> dict[str, Any]:
     """The same as :func:`restore_arrays`, read by ``jaxckpt.fastread`` onto this process's first device."""
     import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
     from jax.sharding import SingleDeviceSharding
 
     from jaxckpt import fastread
 
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(Path(state_dir).resolve()).item_metadata.tree
     one = SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
-    out = fastread.restore(Path(state_dir).resolve(), abstract)
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), _saved_tree(state_dir))
+    return _by_path(fastread.restore(Path(state_dir).resolve(), abstract))
 
 
 def restore_arrays(state_dir: Path) -> dict[str, Any]:
@@ -296,8 +307,8 @@ def restore_arrays(state_dir: Path) -> dict[str, Any]:
     import numpy as np
     import orbax.checkpoint as ocp
 
+    tree = _saved_tree(state_dir)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(Path(state_dir).resolve()).item_metadata.tree
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         out = ckptr.restore(Path(state_dir).resolve(), args=ocp.args.PyTreeRestore(item=tree, restore_args=args))
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+    return _by_path(out)
