@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 from orbax.checkpoint._src.serialization import replica_slices as rs
 
-from jaxckpt import pacing, substores
+from jaxckpt import pacing, shard_writes, substores
 
 _LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_d2h", default=False)
 # Orbax's transfer_arrays_to_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
@@ -192,12 +192,14 @@ def install() -> bool:
 
 
 class LeanArrayHandler(ocp.type_handlers.ArrayHandler):
-    """Orbax's ``ArrayHandler`` whose saves hand shards to the host with :func:`transfer` (see module doc)."""
+    """Orbax's ``ArrayHandler`` whose saves hand shards to the host with :func:`transfer` (see module doc) and
+    write each array's shards together (:mod:`jaxckpt.shard_writes`)."""
 
     def __init__(self, *args: Any, store_bytes: int = substores.STORE_BYTES, **kwargs: Any):
         """``store_bytes``: what one OCDBT store of a save takes before the next begins (jaxckpt.substores)."""
         super().__init__(*args, **kwargs)
         install()
+        self._writes_at_once = shard_writes.install()
         self._store_bytes = store_bytes if substores.install() else None
 
     def _local_bytes(self, arr: jax.Array) -> int:
@@ -212,6 +214,8 @@ class LeanArrayHandler(ocp.type_handlers.ArrayHandler):
         pacer = pacing.current()
         if pacer is not None:  # a save beside CPU training: Orbax asks the pacer before each array write
             infos = [info.replace(byte_limiter=pacer) for info in infos]
+        if self._writes_at_once:  # each array's shard writes started together (jaxckpt.shard_writes)
+            shard_writes.mark(info.byte_limiter for info in infos)
         if self._store_bytes and infos:  # a large save: several OCDBT stores (jaxckpt.substores)
             substores.plan(infos[0].parent_dir, [info.name for info in infos], [self._local_bytes(v) for v in values],
                            self._store_bytes)

@@ -1,0 +1,115 @@
+"""The host-to-TensorStore step of a save, without a coroutine per shard.
+
+For each array, Orbax's ``serialization.async_serialize_from_host`` wraps every shard's TensorStore write in
+a coroutine of its own that reserves the shard's bytes from the save's byte limiter, writes, awaits and
+releases; ``asyncio.gather`` then runs them all. On 8 fake devices a 4 GB state is ~9,600 shards, and that
+machinery (with the garbage collections its objects set off) took ~1 CPU-s of a save's ~4 on 2 cores
+(benchmarks/README.md §1e, fourteenth session).
+
+:func:`write_at_once` writes the same shards to the same TensorStore array: the array's bytes are reserved
+from the same limiter once (in groups below its ``max_bytes``, if it has one), every shard's write is
+started at once, and the writes are awaited in turn, most of them done by then. Only saves of
+:class:`jaxckpt.d2h.LeanArrayHandler` take this path: it marks the byte limiters of its saves
+(:func:`mark`), and Orbax builds each array's write later, in its own background task, with that limiter.
+Every other save (stock Orbax in the same process), and any Orbax whose function has another signature,
+keeps Orbax's function.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.multihost import multihost
+from orbax.checkpoint._src.serialization import limits
+from orbax.checkpoint._src.serialization import serialization as orbax_ser
+
+# Orbax's async_serialize_from_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
+EXPECTED_PARAMS = ("rslices_on_host", "tensorstore_spec", "context", "primary_host", "transaction", "byte_limiter")
+# The byte limiters of LeanArrayHandler saves (Orbax makes one per save; the pacer of a paced save).
+_LEAN_LIMITERS: weakref.WeakSet[limits.ByteLimiter] = weakref.WeakSet()
+
+
+def mark(limiters: Iterable[limits.ByteLimiter | None]) -> None:
+    """Array writes with one of ``limiters`` go through :func:`write_at_once`."""
+    _LEAN_LIMITERS.update(x for x in limiters if x is not None)
+
+
+def groups(nbytes: Sequence[int], max_bytes: int | None) -> Iterator[slice]:
+    """Consecutive runs of ``nbytes`` each summing below ``max_bytes`` (an item as large stands alone, and
+    the limiter then refuses it as it would have refused it alone); one run if ``max_bytes`` is None."""
+    start, total = 0, 0
+    for i, n in enumerate(nbytes):
+        if max_bytes is not None and i > start and total + n >= max_bytes:
+            yield slice(start, i)
+            start, total = i, 0
+        total += n
+    if nbytes:
+        yield slice(start, len(nbytes))
+
+
+async def write_at_once(rslices_on_host: Any, tensorstore_spec: dict[str, Any], *, context: ts.Context | None,
+                        primary_host: int | None, transaction: ts.Transaction | None,
+                        byte_limiter: limits.ByteLimiter) -> None:
+    """What Orbax's ``async_serialize_from_host`` writes, each group's shard writes started together."""
+    if not rslices_on_host.is_on_host:
+        raise ValueError("replica slices have not been transferred to the host")
+    spec = ts.Spec(tensorstore_spec)
+    if primary_host is None or multihost.process_index() == primary_host:
+        await ts.open(spec, create=True, open=True, context=context, transaction=transaction)
+    array = await ts.open(spec, open=True, assume_metadata=True, context=context, transaction=transaction)
+    fragments = rslices_on_host.to_fragments().fragments
+    nbytes = [f.value.nbytes for f in fragments]
+    for run in groups(nbytes, getattr(byte_limiter, "max_bytes", None)):
+        async with limits.reserved_bytes(byte_limiter, sum(nbytes[run])):
+            writes = [array[f.index].write(f.value, can_reference_source_data_indefinitely=True)
+                      for f in fragments[run]]  # shards are immutable host copies: TensorStore copies nothing
+            for write in writes:
+                await write
+
+
+def _is_lean(byte_limiter: limits.ByteLimiter | None) -> bool:
+    try:
+        return byte_limiter in _LEAN_LIMITERS
+    except TypeError:  # a limiter that cannot be weakly referenced was never marked
+        return False
+
+
+def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Orbax's function, except for writes with a byte limiter :func:`mark` recorded."""
+
+    @functools.wraps(orbax_fn)
+    def async_serialize_from_host(rslices_on_host: Any, tensorstore_spec: dict[str, Any], *,
+                                  context: ts.Context | None = None, primary_host: int | None = 0,
+                                  transaction: ts.Transaction | None = None,
+                                  byte_limiter: limits.ByteLimiter | None = None) -> Any:
+        kwargs = dict(context=context, primary_host=primary_host, transaction=transaction)
+        if _is_lean(byte_limiter) and "metadata" in tensorstore_spec and "dtype" in tensorstore_spec:
+            return write_at_once(rslices_on_host, tensorstore_spec, byte_limiter=byte_limiter, **kwargs)
+        return orbax_fn(rslices_on_host, tensorstore_spec, byte_limiter=byte_limiter, **kwargs)
+
+    async_serialize_from_host.jaxckpt_orbax = orbax_fn  # type: ignore[attr-defined]
+    return async_serialize_from_host
+
+
+@functools.cache
+def install() -> bool:
+    """Route Orbax's shard writes through :func:`_dispatching` once per process; False if this Orbax differs."""
+    current = orbax_ser.async_serialize_from_host
+    if hasattr(current, "jaxckpt_orbax"):
+        return True
+    params = tuple(inspect.signature(current).parameters)
+    if params != EXPECTED_PARAMS:
+        logging.getLogger(__name__).warning(
+            "orbax-checkpoint %s: async_serialize_from_host%s is not %s; saves write each shard through "
+            "Orbax's own coroutine (slower with many shards)", getattr(ocp, "__version__", "?"), params,
+            EXPECTED_PARAMS)
+        return False
+    orbax_ser.async_serialize_from_host = _dispatching(current)
+    return True
