@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import inspect
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +33,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 from orbax.checkpoint._src.serialization import replica_slices as rs
 
-from jaxckpt import pacing, shard_writes, substores
+from jaxckpt import orbax_patch, pacing, shard_writes, substores
 
 _LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_d2h", default=False)
 # Orbax's transfer_arrays_to_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
@@ -159,15 +157,14 @@ def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
         return orbax_fn(arrays, replica_id, use_replica_parallel, min_slice_bytes_for_replica_parallel,
                         max_replicas_for_replica_parallel, enable_pinned_host_transfer=enable_pinned_host_transfer)
 
-    transfer_arrays_to_host.jaxckpt_orbax = orbax_fn  # type: ignore[attr-defined]
     return transfer_arrays_to_host
 
 
 def compatible(fn: Callable[..., Any]) -> str | None:
     """None if ``fn`` and Orbax's slice classes are the ones :func:`transfer` stands in for, else why not."""
-    params = tuple(inspect.signature(fn).parameters)
-    if params != EXPECTED_PARAMS:
-        return f"transfer_arrays_to_host{params} is not {EXPECTED_PARAMS}"
+    why = orbax_patch.params_are(fn, EXPECTED_PARAMS)
+    if why is not None:
+        return why
     for cls, fields in EXPECTED_FIELDS.items():
         have = tuple(getattr(cls, "__dataclass_fields__", {}))
         if have != fields:
@@ -178,17 +175,8 @@ def compatible(fn: Callable[..., Any]) -> str | None:
 @functools.cache
 def install() -> bool:
     """Route Orbax's host transfer through :func:`_dispatching` once per process; False if this Orbax differs."""
-    current = rs.transfer_arrays_to_host
-    if hasattr(current, "jaxckpt_orbax"):
-        return True
-    why = compatible(current)
-    if why is not None:
-        logging.getLogger(__name__).warning(
-            "orbax-checkpoint %s: %s; saves use Orbax's own host transfer (slower with many shards)",
-            getattr(ocp, "__version__", "?"), why)
-        return False
-    rs.transfer_arrays_to_host = _dispatching(current)
-    return True
+    return orbax_patch.wrap_once(rs, "transfer_arrays_to_host", compatible, _dispatching,
+                                 "saves use Orbax's own host transfer (slower with many shards)", __name__)
 
 
 class LeanArrayHandler(ocp.type_handlers.ArrayHandler):

@@ -18,17 +18,16 @@ keeps Orbax's function.
 from __future__ import annotations
 
 import functools
-import inspect
-import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.multihost import multihost
 from orbax.checkpoint._src.serialization import limits
 from orbax.checkpoint._src.serialization import serialization as orbax_ser
+
+from jaxckpt import orbax_patch
 
 # Orbax's async_serialize_from_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
 EXPECTED_PARAMS = ("rslices_on_host", "tensorstore_spec", "context", "primary_host", "transaction", "byte_limiter")
@@ -94,22 +93,13 @@ def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
             return write_at_once(rslices_on_host, tensorstore_spec, byte_limiter=byte_limiter, **kwargs)
         return orbax_fn(rslices_on_host, tensorstore_spec, byte_limiter=byte_limiter, **kwargs)
 
-    async_serialize_from_host.jaxckpt_orbax = orbax_fn  # type: ignore[attr-defined]
     return async_serialize_from_host
 
 
 @functools.cache
 def install() -> bool:
     """Route Orbax's shard writes through :func:`_dispatching` once per process; False if this Orbax differs."""
-    current = orbax_ser.async_serialize_from_host
-    if hasattr(current, "jaxckpt_orbax"):
-        return True
-    params = tuple(inspect.signature(current).parameters)
-    if params != EXPECTED_PARAMS:
-        logging.getLogger(__name__).warning(
-            "orbax-checkpoint %s: async_serialize_from_host%s is not %s; saves write each shard through "
-            "Orbax's own coroutine (slower with many shards)", getattr(ocp, "__version__", "?"), params,
-            EXPECTED_PARAMS)
-        return False
-    orbax_ser.async_serialize_from_host = _dispatching(current)
-    return True
+    return orbax_patch.wrap_once(orbax_ser, "async_serialize_from_host",
+                                 lambda fn: orbax_patch.params_are(fn, EXPECTED_PARAMS), _dispatching,
+                                 "saves write each shard through Orbax's own coroutine (slower with many shards)",
+                                 __name__)

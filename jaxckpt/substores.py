@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from jaxckpt import orbax_patch
 
 STORE_BYTES = 1 << 30  # default bytes per store (checkpoint.ocdbt_store_mb); a 1 GB save keeps one store
 MAX_STORES = 8
@@ -78,7 +78,6 @@ def _spreading(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
         store = _ASSIGNED.get(str(info.parent_dir), {}).get(info.name, 0)
         return orbax_fn(info, *args, process_index=process_id(process_index, store), **kwargs)
 
-    build_array_write_spec.jaxckpt_orbax = orbax_fn  # type: ignore[attr-defined]
     return build_array_write_spec
 
 
@@ -86,14 +85,11 @@ def _spreading(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
 def install() -> bool:
     """Route Orbax's write specs through :func:`_spreading` once per process; False if this Orbax differs
     (then every save keeps one store)."""
-    current = ts_utils.build_array_write_spec
-    if hasattr(current, "jaxckpt_orbax"):
-        return True
-    params = inspect.signature(current).parameters
-    if any(k not in params for k in EXPECTED_KEYWORDS):
-        logging.getLogger(__name__).warning(
-            "orbax-checkpoint %s: build_array_write_spec%s lacks %s; large saves use one OCDBT store",
-            getattr(ocp, "__version__", "?"), tuple(params), EXPECTED_KEYWORDS)
-        return False
-    ts_utils.build_array_write_spec = _spreading(current)
-    return True
+    return orbax_patch.wrap_once(ts_utils, "build_array_write_spec", _lacks_keywords, _spreading,
+                                 "large saves use one OCDBT store", __name__)
+
+
+def _lacks_keywords(fn: Callable[..., Any]) -> str | None:
+    params = tuple(inspect.signature(fn).parameters)
+    missing = [k for k in EXPECTED_KEYWORDS if k not in params]
+    return f"build_array_write_spec{params} lacks {tuple(missing)}" if missing else None
