@@ -175,6 +175,7 @@ class Variant:
     fast_restore: bool = False  # restore the state with jaxckpt.fastread (the trainer's default), not Orbax
     gc_paused: bool = False  # save under jaxckpt.checkpoint.gc_paused, as jaxckpt's Checkpointer does
     orbax_d2h: bool = False  # hand shards to the host with Orbax's own ArrayHandler, not jaxckpt.d2h's
+    per_shard_writes: bool = False  # write each shard through Orbax's own coroutine, not jaxckpt.shard_writes
     background: bool = False  # return once the bytes are on the host (jaxckpt.checkpoint.SaveStart), as the
     #                           Checkpointer does on one process; Orbax's save call then runs on a thread
     early_crc: bool = False  # while waiting, checksum the files Orbax has finished (integrity.EarlyChecksums)
@@ -245,6 +246,8 @@ VARIANTS: dict[str, Variant] = {
                                 "manifest is taken after Orbax's commit (no integrity.EarlyChecksums)"),
     "jaxckpt-orbax-d2h": replace(JAXCKPT, background=False, orbax_d2h=True, about="jaxckpt-sync-start, but with "
                                  "Orbax's own device-to-host step (no jaxckpt.d2h)"),
+    "jaxckpt-per-shard": replace(JAXCKPT, per_shard_writes=True, about="jaxckpt as shipped, but each shard "
+                                 "written through Orbax's own coroutine (no jaxckpt.shard_writes)"),
     "jaxckpt-one-store": replace(JAXCKPT, manager=lambda d: make_manager(d, store_bytes=1 << 62),
                                  about="jaxckpt as shipped, but every save in one OCDBT store per process "
                                  "(no jaxckpt.substores split above checkpoint.ocdbt_store_mb)"),
@@ -304,6 +307,8 @@ def apply_patches(variant: Variant) -> None:
     patch_ts_context(variant.ts_context)
     if variant.orbax_d2h:  # make_manager's handlers are built per manager: this process gets Orbax's own
         ckpt_lib.d2h.LeanArrayHandler = ocp.type_handlers.ArrayHandler
+    if variant.per_shard_writes and hasattr(ckpt_lib.d2h, "shard_writes"):  # no save's limiter is marked
+        ckpt_lib.d2h.shard_writes.mark = lambda limiters: None
     if variant.aligned_reads:
         from orbax.checkpoint._src.serialization import serialization
 
