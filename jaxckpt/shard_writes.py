@@ -3,7 +3,7 @@
 For each array, Orbax's ``serialization.async_serialize_from_host`` wraps every shard's TensorStore write in
 a coroutine of its own that reserves the shard's bytes from the save's byte limiter, writes, awaits and
 releases; ``asyncio.gather`` then runs them all. On 8 fake devices a 4 GB state is ~9,600 shards, and that
-machinery (with the garbage collections its objects set off) took ~1 CPU-s of a save's ~4 on 2 cores
+machinery (with the garbage collections its objects set off) took 0.4-0.8 of a save's ~3.6 CPU-s on 2 cores
 (benchmarks/README.md §1e, fourteenth session).
 
 :func:`write_at_once` writes the same shards to the same TensorStore array: the array's bytes are reserved
