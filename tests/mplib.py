@@ -270,6 +270,13 @@ def resumed_from(output: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def ocdbt_stores(state_dir: Path) -> list[str]:
+    """The OCDBT stores (``ocdbt.process_*`` directories) an item's save wrote, by name (jaxckpt.substores)."""
+    from orbax.checkpoint._src.serialization import ocdbt_process_spec
+
+    return sorted(p.name for p in Path(state_dir).glob(ocdbt_process_spec.PROCESS_PREFIX + "*"))
+
+
 def _by_path(tree: Any) -> dict[str, Any]:
     """A restored tree's leaves as host numpy arrays, keyed by tree path."""
     import jax

@@ -46,6 +46,11 @@ def arrays() -> list[jax.Array]:
     ]
 
 
+def named_arrays() -> dict[str, jax.Array]:
+    """:func:`arrays` as a tree to save, keyed x0, x1, ..."""
+    return {f"x{i}": x for i, x in enumerate(arrays())}
+
+
 def assert_same_slices(ours: list[Any], theirs: list[Any]) -> None:
     """Every field, index and byte of two transfers' ReplicaSlices agree."""
     for a, b in zip(ours, theirs, strict=True):

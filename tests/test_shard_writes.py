@@ -14,7 +14,7 @@ import pytest
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import limits
 from orbax.checkpoint._src.serialization import serialization as orbax_ser
-from test_d2h import _save, arrays, assert_install_keeps, assert_same_arrays, orbax_read
+from test_d2h import _save, arrays, assert_install_keeps, assert_same_arrays, named_arrays, orbax_read
 
 from jaxckpt import d2h, pacing, shard_writes
 from jaxckpt.checkpoint import make_manager
@@ -71,7 +71,7 @@ def test_below_a_limiters_max_bytes_an_array_is_written_in_several_groups(tmp_pa
 
 def test_a_jaxckpt_save_reserves_each_arrays_bytes_once_and_reads_back_bit_for_bit(tmp_path: Path) -> None:
     """Through make_manager, with the limiter a paced save hands Orbax (jaxckpt.pacing)."""
-    tree = {f"x{i}": x for i, x in enumerate(arrays())}
+    tree = named_arrays()
     limiter = Recording()
     with pacing.pacing(limiter):  # type: ignore[arg-type]  # any ByteLimiter serves as the pace
         _save(make_manager(tmp_path / "ck"), tree)
@@ -85,7 +85,7 @@ def test_stock_orbax_in_the_same_process_keeps_its_coroutine_per_shard(tmp_path:
     called: list[Any] = []
     at_once = shard_writes.write_at_once
     monkeypatch.setattr(shard_writes, "write_at_once", lambda *a, **k: called.append(a) or at_once(*a, **k))
-    tree = {f"x{i}": x for i, x in enumerate(arrays())}
+    tree = named_arrays()
     _save(ocp.CheckpointManager(tmp_path / "stock"), tree)
     assert called == []
     _save(make_manager(tmp_path / "ours"), tree)

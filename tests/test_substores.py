@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mplib
 import pytest
 from orbax.checkpoint._src.serialization import ocdbt_process_spec
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-from test_d2h import _save, abstract_of, arrays, assert_install_keeps, assert_same_arrays, orbax_read
+from test_d2h import _save, abstract_of, assert_install_keeps, assert_same_arrays, named_arrays, orbax_read
 
 from jaxckpt import fastread, substores
 from jaxckpt.checkpoint import make_manager
@@ -37,27 +38,24 @@ def test_store_zero_is_orbaxs_own_directory_the_others_names_orbax_accepts() -> 
     assert ocdbt_process_spec.OcdbtProcessSpec.parse(name).process_id == "3s2"
 
 
-def _stores(item: Path) -> list[str]:
-    return sorted(p.name for p in item.glob(ocdbt_process_spec.PROCESS_PREFIX + "*"))
-
-
 def test_a_save_over_several_stores_reads_back_bit_for_bit(tmp_path: Path) -> None:
     """Arrays of 8-device shardings in 4 stores: plain Orbax and fastread give every byte and sharding back."""
-    tree = {f"x{i}": x for i, x in enumerate(arrays())}
+    tree = named_arrays()
     total = sum(x.nbytes for x in tree.values())
     _save(make_manager(tmp_path / "ck", store_bytes=total // 4 + 1), tree)
     item = tmp_path / "ck" / "1" / "state"
-    assert _stores(item) == ["ocdbt.process_0", "ocdbt.process_0s1", "ocdbt.process_0s2", "ocdbt.process_0s3"]
-    assert all(any((item / s / "d").iterdir()) for s in _stores(item)), "a store holds no data"
+    stores = mplib.ocdbt_stores(item)
+    assert stores == ["ocdbt.process_0", "ocdbt.process_0s1", "ocdbt.process_0s2", "ocdbt.process_0s3"]
+    assert all(any((item / s / "d").iterdir()) for s in stores), "a store holds no data"
 
     assert_same_arrays(orbax_read(item, tree), tree, "orbax")
     assert_same_arrays(fastread.restore(item, abstract_of(tree)), tree, "fastread")
 
 
 def test_a_save_up_to_store_bytes_keeps_orbaxs_one_store(tmp_path: Path) -> None:
-    tree = {f"x{i}": x for i, x in enumerate(arrays())}
+    tree = named_arrays()
     _save(make_manager(tmp_path / "ck"), tree)
-    assert _stores(tmp_path / "ck" / "1" / "state") == ["ocdbt.process_0"]
+    assert mplib.ocdbt_stores(tmp_path / "ck" / "1" / "state") == ["ocdbt.process_0"]
 
 
 def test_installed_over_this_orbax() -> None:
