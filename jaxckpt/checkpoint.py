@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt import d2h, distributed, fastread, integrity, pacing, substores
+from jaxckpt import d2h, distributed, fastread, gcpause, integrity, pacing, substores
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.errors import CheckpointSaveError, ConfigError
 from jaxckpt.layout import convert, is_stacked, other_layout
@@ -98,21 +97,15 @@ def make_manager(directory: Path, async_save: bool = True, read_only: bool = Fal
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_paused() -> contextlib.AbstractContextManager[None]:
     """No cyclic garbage collection while Orbax starts a save (the part that blocks training).
 
     Its per-shard bookkeeping allocates enough small objects to set off collections in the middle. With
     8 fake devices and 1 GB (1,423 shards), a first save blocked 0.21 s -> 0.16 s, later ones 0.12-0.15 s
-    -> 0.11 s (benchmarks/README.md, §1b).
+    -> 0.11 s (benchmarks/README.md, §1b). Counted with the pause around the shard writes
+    (:mod:`jaxckpt.gcpause`), which may still be running from the save before.
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    return gcpause.paused()
 
 
 def _is_enospc(e: BaseException) -> bool:

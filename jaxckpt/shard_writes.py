@@ -8,7 +8,10 @@ machinery (with the garbage collections its objects set off) took 0.4-0.8 of a s
 
 :func:`write_at_once` writes the same shards to the same TensorStore array: the array's bytes are reserved
 from the same limiter once (in groups below its ``max_bytes``, if it has one), every shard's write is
-started at once, and the writes are awaited in turn, most of them done by then. Only saves of
+started at once, and a worker thread waits for them. Awaiting each TensorStore future in the event loop
+instead has a TensorStore worker take the GIL to hand every finished write back (``call_soon_threadsafe``),
+so the workers queued behind Python code; the thread blocks in ``result()`` without the GIL. Cyclic garbage
+collection is paused while an array is written (:mod:`jaxckpt.gcpause`). Only saves of
 :class:`jaxckpt.d2h.LeanArrayHandler` take this path: it marks the byte limiters of its saves
 (:func:`mark`), and Orbax builds each array's write later, in its own background task, with that limiter.
 Every other save (stock Orbax in the same process), and any Orbax whose function has another signature,
@@ -17,6 +20,7 @@ keeps Orbax's function.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +31,7 @@ from orbax.checkpoint._src.multihost import multihost
 from orbax.checkpoint._src.serialization import limits
 from orbax.checkpoint._src.serialization import serialization as orbax_ser
 
-from jaxckpt import orbax_patch
+from jaxckpt import gcpause, orbax_patch
 
 # Orbax's async_serialize_from_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
 EXPECTED_PARAMS = ("rslices_on_host", "tensorstore_spec", "context", "primary_host", "transaction", "byte_limiter")
@@ -59,18 +63,29 @@ async def write_at_once(rslices_on_host: Any, tensorstore_spec: dict[str, Any], 
     """What Orbax's ``async_serialize_from_host`` writes, each group's shard writes started together."""
     if not rslices_on_host.is_on_host:
         raise ValueError("replica slices have not been transferred to the host")
-    spec = ts.Spec(tensorstore_spec)
-    if primary_host is None or multihost.process_index() == primary_host:
-        await ts.open(spec, create=True, open=True, context=context, transaction=transaction)
-    array = await ts.open(spec, open=True, assume_metadata=True, context=context, transaction=transaction)
-    fragments = rslices_on_host.to_fragments().fragments
-    nbytes = [f.value.nbytes for f in fragments]
-    for run in groups(nbytes, getattr(byte_limiter, "max_bytes", None)):
-        async with limits.reserved_bytes(byte_limiter, sum(nbytes[run])):
-            writes = [array[f.index].write(f.value, can_reference_source_data_indefinitely=True)
-                      for f in fragments[run]]  # shards are immutable host copies: TensorStore copies nothing
-            for write in writes:
-                await write
+    with gcpause.paused():
+        spec = ts.Spec(tensorstore_spec)
+        if primary_host is None or multihost.process_index() == primary_host:
+            await ts.open(spec, create=True, open=True, context=context, transaction=transaction)
+        array = await ts.open(spec, open=True, assume_metadata=True, context=context, transaction=transaction)
+        fragments = rslices_on_host.to_fragments().fragments
+        nbytes = [f.value.nbytes for f in fragments]
+        for run in groups(nbytes, getattr(byte_limiter, "max_bytes", None)):
+            async with limits.reserved_bytes(byte_limiter, sum(nbytes[run])):
+                writes = [array[f.index].write(f.value, can_reference_source_data_indefinitely=True)
+                          for f in fragments[run]]  # shards are immutable host copies: TensorStore copies nothing
+                await wait_for(writes)
+
+
+async def wait_for(writes: Sequence[ts.Future]) -> None:
+    """Until every one of ``writes`` is done, waited for on a worker thread (:func:`wait_all`)."""
+    await asyncio.to_thread(wait_all, writes)
+
+
+def wait_all(futures: Sequence[ts.Future]) -> None:
+    """Block until every one of ``futures`` is done (GIL released while waiting); the first error raises."""
+    for future in futures:
+        future.result()
 
 
 def _is_lean(byte_limiter: limits.ByteLimiter | None) -> bool:

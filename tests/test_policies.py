@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 from pathlib import Path
 
 import grain
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxckpt import gcpause
 from jaxckpt.checkpoint import TODELETE, Checkpointer, gc_paused
 from jaxckpt.config import CheckpointConfig
 from jaxckpt.integrity import MANIFEST
@@ -298,4 +300,29 @@ def test_gc_paused_restores_the_collector_state(enabled_before: bool) -> None:
             raise RuntimeError("save failed")
         assert gc.isenabled() is enabled_before
     finally:
+        gc.enable()
+
+
+def test_overlapping_pauses_keep_the_collector_off_until_the_last_ends() -> None:
+    """The blocking part's pause (train thread) and the shard writes' (Orbax's thread) overlap: the first to
+    end must not turn collection back on under the other."""
+    entered, release = threading.Event(), threading.Event()
+
+    def writes() -> None:
+        with gcpause.paused():
+            entered.set()
+            release.wait(10)
+
+    gc.enable()
+    other = threading.Thread(target=writes)
+    try:
+        with gc_paused():
+            other.start()
+            assert entered.wait(10)
+        assert not gc.isenabled()  # the writes' pause is still on
+        release.set()
+        other.join(10)
+        assert gc.isenabled()
+    finally:
+        release.set()
         gc.enable()

@@ -4,6 +4,8 @@ started together, the same bytes to the same places; every other save keeps Orba
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,11 @@ class Recording(limits.LimitInFlightBytes):
     def __init__(self, max_bytes: int = 1 << 40):
         super().__init__(max_bytes)
         self.asked: list[int] = []
+        self.gc_enabled: list[bool] = []  # whether cyclic collection was on at each reservation
 
     async def wait_for_bytes(self, requested_bytes: int) -> None:
         self.asked.append(requested_bytes)
+        self.gc_enabled.append(gc.isenabled())
         await super().wait_for_bytes(requested_bytes)
 
 
@@ -58,6 +62,7 @@ def test_a_marked_limiter_is_asked_once_per_array_an_unmarked_one_per_shard(tmp_
     ours, theirs = _write(x, tmp_path / "ours", marked), _write(x, tmp_path / "theirs", unmarked)
     assert marked.asked == [x.nbytes]
     assert unmarked.asked == [x.nbytes // 8] * 8  # Orbax's own coroutine per shard
+    assert marked.gc_enabled == [False] and gc.isenabled()  # paused while the array is written, then back
     assert ours.tobytes() == theirs.tobytes() == np.asarray(x).tobytes()
 
 
@@ -78,6 +83,18 @@ def test_a_jaxckpt_save_reserves_each_arrays_bytes_once_and_reads_back_bit_for_b
     local_bytes = sorted(d2h.LeanArrayHandler()._local_bytes(x) for x in tree.values())
     assert sorted(limiter.asked) == local_bytes
     assert_same_arrays(orbax_read(tmp_path / "ck" / "1" / "state", tree), tree, "orbax")
+
+
+def test_wait_all_returns_once_every_write_is_done_and_raises_the_first_error() -> None:
+    first, first_done = ts.Promise.new()
+    second, second_done = ts.Promise.new()
+    threading.Timer(0.2, lambda: (first.set_result(None), second.set_result(None))).start()
+    shard_writes.wait_all([first_done, second_done])
+    assert first_done.done() and second_done.done()
+    failing, failed = ts.Promise.new()
+    failing.set_exception(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        shard_writes.wait_all([first_done, failed])
 
 
 def test_stock_orbax_in_the_same_process_keeps_its_coroutine_per_shard(tmp_path: Path,

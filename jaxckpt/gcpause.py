@@ -1,0 +1,41 @@
+"""Cyclic garbage collection paused while parts of a save run, counted across threads.
+
+A full collection holds the GIL for as long as it takes to walk every tracked object: 0.09-0.16 s in a
+process holding a 4 GB state on 8 fake devices, where each save set one off in Orbax's background thread
+while its shard writes were in flight (benchmarks/README.md §1e, fifteenth session). Python code could not
+issue writes meanwhile, TensorStore's workers could not hand back finished ones, and a train step beside the
+save could not be dispatched. Reference counting still frees everything that is not in a cycle; the
+collector runs again once the last pause ends.
+
+Pauses may overlap (the blocking part of a save on the train thread, the writes on Orbax's): collection
+stays off until the last one ends, and comes back only if it was on when the first began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from collections.abc import Iterator
+
+_lock = threading.Lock()
+_depth = 0  # pauses in progress
+_resume = False  # whether collection was enabled when the first of them began
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """No automatic cyclic collection inside, nor while any other :func:`paused` is in progress."""
+    global _depth, _resume
+    with _lock:
+        if _depth == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _resume:
+                gc.enable()
