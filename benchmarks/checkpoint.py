@@ -72,6 +72,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,6 +177,8 @@ class Variant:
     gc_paused: bool = False  # save under jaxckpt.checkpoint.gc_paused, as jaxckpt's Checkpointer does
     orbax_d2h: bool = False  # hand shards to the host with Orbax's own ArrayHandler, not jaxckpt.d2h's
     per_shard_writes: bool = False  # write each shard through Orbax's own coroutine, not jaxckpt.shard_writes
+    loop_waits: bool = False  # shard_writes as before the fifteenth session: writes awaited in the event loop,
+    #                           cyclic GC left on while they run
     background: bool = False  # return once the bytes are on the host (jaxckpt.checkpoint.SaveStart), as the
     #                           Checkpointer does on one process; Orbax's save call then runs on a thread
     early_crc: bool = False  # while waiting, checksum the files Orbax has finished (integrity.EarlyChecksums)
@@ -248,6 +251,9 @@ VARIANTS: dict[str, Variant] = {
                                  "Orbax's own device-to-host step (no jaxckpt.d2h)"),
     "jaxckpt-per-shard": replace(JAXCKPT, per_shard_writes=True, about="jaxckpt as shipped, but each shard "
                                  "written through Orbax's own coroutine (no jaxckpt.shard_writes)"),
+    "jaxckpt-loop-wait": replace(JAXCKPT, loop_waits=True, about="jaxckpt as shipped, but each array's shard "
+                                 "writes awaited in Orbax's event loop, with cyclic GC on (jaxckpt.shard_writes "
+                                 "before the fifteenth session)"),
     "jaxckpt-one-store": replace(JAXCKPT, manager=lambda d: make_manager(d, store_bytes=1 << 62),
                                  about="jaxckpt as shipped, but every save in one OCDBT store per process "
                                  "(no jaxckpt.substores split above checkpoint.ocdbt_store_mb)"),
@@ -303,12 +309,21 @@ async def aligned_read_shard(t: Any, *, new_shard_shape: Any, dtype: Any, reques
     return out
 
 
+async def awaited_in_loop(writes: list[Any]) -> None:
+    """Each TensorStore write awaited in the event loop (each hands its result back through the GIL)."""
+    for write in writes:
+        await write
+
+
 def apply_patches(variant: Variant) -> None:
     patch_ts_context(variant.ts_context)
     if variant.orbax_d2h:  # make_manager's handlers are built per manager: this process gets Orbax's own
         ckpt_lib.d2h.LeanArrayHandler = ocp.type_handlers.ArrayHandler
     if variant.per_shard_writes and hasattr(ckpt_lib.d2h, "shard_writes"):  # no save's limiter is marked
         ckpt_lib.d2h.shard_writes.mark = lambda limiters: None
+    if variant.loop_waits and hasattr(ckpt_lib.d2h.shard_writes, "wait_for"):
+        ckpt_lib.d2h.shard_writes.wait_for = awaited_in_loop
+        ckpt_lib.d2h.shard_writes.gcpause = types.SimpleNamespace(paused=contextlib.nullcontext)
     if variant.aligned_reads:
         from orbax.checkpoint._src.serialization import serialization
 
