@@ -8,7 +8,10 @@ save could not be dispatched. Reference counting still frees everything that is 
 collector runs again once the last pause ends.
 
 Pauses may overlap (the blocking part of a save on the train thread, the writes on Orbax's): collection
-stays off until the last one ends, and comes back only if it was on when the first began.
+stays off until the last one ends, and comes back only if it was on when the first began. A paced save
+(:mod:`jaxckpt.pacing`) writes over several train steps, so collection stays off that long (5-7 s for the
+small config's 129 MB on 2 cores). A ``gc.disable()`` of your own made while a pause is in progress is undone
+when the last pause ends, if collection was on when the first began.
 """
 
 from __future__ import annotations
