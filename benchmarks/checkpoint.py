@@ -319,11 +319,12 @@ def apply_patches(variant: Variant) -> None:
     patch_ts_context(variant.ts_context)
     if variant.orbax_d2h:  # make_manager's handlers are built per manager: this process gets Orbax's own
         ckpt_lib.d2h.LeanArrayHandler = ocp.type_handlers.ArrayHandler
-    if variant.per_shard_writes and hasattr(ckpt_lib.d2h, "shard_writes"):  # no save's limiter is marked
-        ckpt_lib.d2h.shard_writes.mark = lambda limiters: None
-    if variant.loop_waits and hasattr(ckpt_lib.d2h.shard_writes, "wait_for"):
-        ckpt_lib.d2h.shard_writes.wait_for = awaited_in_loop
-        ckpt_lib.d2h.shard_writes.gcpause = types.SimpleNamespace(paused=contextlib.nullcontext)
+    shard_writes = getattr(ckpt_lib.d2h, "shard_writes", None)  # None in a jaxckpt from before it
+    if variant.per_shard_writes and shard_writes is not None:  # no save's limiter is marked
+        shard_writes.mark = lambda limiters: None
+    if variant.loop_waits and hasattr(shard_writes, "wait_for"):
+        shard_writes.wait_for = awaited_in_loop
+        shard_writes.gcpause = types.SimpleNamespace(paused=contextlib.nullcontext)
     if variant.aligned_reads:
         from orbax.checkpoint._src.serialization import serialization
 
