@@ -184,14 +184,16 @@ def row(path: str, cfg: Config, r: dict[str, Any], peak: float | None, probe: fl
     mfu = f"**{model_tf_s / peak:.1%}**" if peak else "n/a"
     xla = f"{r['xla_flops_per_device'] * n_dev / flops:.2f}" if r["xla_flops_per_device"] else "n/a"
     mem = f"{r['xla_bytes_per_device'] / 2**30:.1f}" if r["xla_bytes_per_device"] else "n/a"
-    return (f"| {Path(path).stem} | {r['params'] / 1e6:,.0f}M | {m.remat} | {cfg.data.batch_size}x{m.seq_len} | "
+    return (f"| {Path(path).stem} | {r['params'] / 1e6:,.0f}M | {m.remat} | {m.attention} | "
+            f"{cfg.data.batch_size}x{m.seq_len} | "
             f"{r['step_s'] * 1e3:,.1f} | {tokens / r['step_s']:,.0f} | {model_tf_s:,.1f} | {mfu} | "
             f"{model_tf_s / probe:.1%} | {xla} | {mem} | {r['compile_s']:.0f} | {r['loss']:.3f} |")
 
 
-HEADER = ("| config | params | remat | batch x seq | step ms | tokens/s | model TFLOP/s per chip | MFU vs datasheet | "
-          "vs measured matmul | XLA FLOPs / model FLOPs | XLA memory plan GiB per chip | compile s | loss |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | params | remat | attention | batch x seq | step ms | tokens/s | model TFLOP/s per chip | "
+          "MFU vs datasheet | vs measured matmul | XLA FLOPs / model FLOPs | XLA memory plan GiB per chip | "
+          "compile s | loss |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main_compile_only(args: argparse.Namespace) -> int:
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = measure(cfg, args.steps, args.repeats)
         except Exception as e:  # noqa: BLE001 - one config out of memory must not hide the others
-            rows.append(f"| {Path(path).stem} | - | {cfg.model.remat} | {cfg.data.batch_size}x{cfg.model.seq_len} | "
+            rows.append(f"| {Path(path).stem} | - | {cfg.model.remat} | {cfg.model.attention} | "
+                        f"{cfg.data.batch_size}x{cfg.model.seq_len} | "
                         f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |")
             continue
         raw[path] = r

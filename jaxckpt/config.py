@@ -44,6 +44,10 @@ class ModelConfig:
     # the program: compile time stops growing with depth (an H200 did not compile 18 unrolled gpt1b blocks in
     # 4.5 min). Changes the params' layout; resume and train.init_from convert between layouts (jaxckpt.layout).
     scan_layers: bool = False
+    # Attention kernel: "xla" (XLA's own: it materialises each head's T x T scores) or "cudnn" (cuDNN's fused
+    # flash attention, bfloat16 only; used where the backend is a GPU, XLA's elsewhere, so such a config
+    # still runs, tests and samples on a CPU). Same math, other rounding: a safe change on resume.
+    attention: Literal["xla", "cudnn"] = "xla"
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
@@ -55,6 +59,9 @@ class ModelConfig:
         _check((self.d_model // self.n_heads) % 2 == 0, "model.d_model/n_heads must be even (rotary)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _check(self.init_std > 0 and self.rope_theta > 0, "model.init_std and model.rope_theta must be positive")
+        _check(self.attention != "cudnn" or self.dtype == "bfloat16",
+               "model.attention=cudnn needs model.dtype=bfloat16 (cuDNN's flash attention has no float32 kernel); "
+               "set model.dtype=bfloat16 or model.attention=xla")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ def rotary(x_btnh: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_btnh.dtype)
 
 
+def attention_kernel(attention: str, backend: str) -> str:
+    """``jax.nn.dot_product_attention``'s implementation for ``ModelConfig.attention`` on ``backend``."""
+    return "cudnn" if attention == "cudnn" and backend in ("gpu", "cuda") else "xla"
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n = cfg.d_model, cfg.n_heads
@@ -54,13 +59,15 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std)
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
         self.theta, self.dtype = cfg.rope_theta, jnp.dtype(cfg.dtype)
+        self.implementation = attention_kernel(cfg.attention, jax.default_backend())
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         q_btnh = rotary(jnp.einsum("btd,dnh->btnh", x_btd, w(self.wq)), self.theta)
         k_btnh = rotary(jnp.einsum("btd,dnh->btnh", x_btd, w(self.wk)), self.theta)
         v_btnh = jnp.einsum("btd,dnh->btnh", x_btd, w(self.wv))
-        o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=True)
+        o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=True,
+                                              implementation=self.implementation)
         return jnp.einsum("btnh,nhd->btd", o_btnh, w(self.wo))
 
 

@@ -30,7 +30,7 @@ UNSAFE_KEYS = ("model.", "optim.", "data.path", "data.shuffle_seed", "data.batch
                "data.default_corpus_mb", "train.seed")
 # How the step is computed, not what it computes: the state is the same (scan_layers: in another layout,
 # converted exactly on restore by jaxckpt.layout).
-SAFE_MODEL_KEYS = ("model.remat", "model.scan_layers")
+SAFE_MODEL_KEYS = ("model.remat", "model.scan_layers", "model.attention")
 
 
 @dataclass
