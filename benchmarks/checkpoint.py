@@ -175,6 +175,7 @@ class Variant:
     manifest: bool = False  # jaxckpt's CRC32 manifest after the save / verify before restore (if the lib has it)
     fast_restore: bool = False  # restore the state with jaxckpt.fastread (the trainer's default), not Orbax
     gc_paused: bool = False  # save under jaxckpt.checkpoint.gc_paused, as jaxckpt's Checkpointer does
+    gc_frozen: bool = False  # objects alive at the save's start exempt from GC until it ends (gcpause.freeze)
     orbax_d2h: bool = False  # hand shards to the host with Orbax's own ArrayHandler, not jaxckpt.d2h's
     per_shard_writes: bool = False  # write each shard through Orbax's own coroutine, not jaxckpt.shard_writes
     loop_waits: bool = False  # shard_writes as before the fifteenth session: writes awaited in the event loop,
@@ -238,6 +239,7 @@ JAXCKPT = Variant("jaxckpt.checkpoint.make_manager as shipped (PyTreeSave/PyTree
                   _pytree_save(target_file_size=getattr(ckpt_lib, "OCDBT_TARGET_FILE_BYTES", None)),
                   _restore_args, manifest=True, fast_restore=fastread is not None,
                   gc_paused=hasattr(ckpt_lib, "gc_paused"), background=hasattr(ckpt_lib, "SaveStart"),
+                  gc_frozen=hasattr(getattr(ckpt_lib, "gcpause", None), "freeze"),
                   early_crc=hasattr(integrity, "EarlyChecksums"))
 VARIANTS: dict[str, Variant] = {
     # Picks up jaxckpt.checkpoint.OCDBT_TARGET_FILE_BYTES if the library defines it (proposed in README.md).
@@ -254,6 +256,8 @@ VARIANTS: dict[str, Variant] = {
     "jaxckpt-loop-wait": replace(JAXCKPT, loop_waits=True, about="jaxckpt as shipped, but each array's shard "
                                  "writes awaited in Orbax's event loop, with cyclic GC on (jaxckpt.shard_writes "
                                  "before the fifteenth session)"),
+    "jaxckpt-no-freeze": replace(JAXCKPT, gc_frozen=False, about="jaxckpt as shipped, but the objects alive at "
+                                 "a save's start left to GC's full collections (no jaxckpt.gcpause.freeze)"),
     "jaxckpt-one-store": replace(JAXCKPT, manager=lambda d: make_manager(d, store_bytes=1 << 62),
                                  about="jaxckpt as shipped, but every save in one OCDBT store per process "
                                  "(no jaxckpt.substores split above checkpoint.ocdbt_store_mb)"),
@@ -377,7 +381,7 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     checksums = integrity.EarlyChecksums(lambda: directory.glob("1.orbax-checkpoint-tmp*")).start() \
         if variant.early_crc else None  # as Checkpointer.wait() does while its caller waits
-    finish_save(mgr, start)
+    finish_save(mgr, variant, start)
     t2 = time.perf_counter()
     out["dirty_after_wait_mb"] = benchlib.dirty_mb()
     benchlib.fsync_tree(directory / "1")
@@ -402,6 +406,8 @@ def start_save(mgr: ocp.CheckpointManager, variant: Variant, step: int, state: P
     """``mgr.save`` of ``state`` + a small meta item, as the variant saves (under the GC pause if it has one).
     Returns the ``SaveStart`` of a background variant, else None."""
     args = ocp.args.Composite(state=variant.save(state), meta=ocp.args.JsonSave({"step": step, "note": "benchmark"}))
+    if variant.gc_frozen:
+        ckpt_lib.gcpause.freeze()
     with ckpt_lib.gc_paused() if variant.gc_paused else contextlib.nullcontext():
         if variant.background:
             return ckpt_lib.SaveStart(mgr, step, args, state)
@@ -409,11 +415,13 @@ def start_save(mgr: ocp.CheckpointManager, variant: Variant, step: int, state: P
     return None
 
 
-def finish_save(mgr: ocp.CheckpointManager, start: Any) -> None:
+def finish_save(mgr: ocp.CheckpointManager, variant: Variant, start: Any) -> None:
     """Until Orbax has written everything (its save call first, where it runs on a thread)."""
     if start is not None:
         start.join()
     mgr.wait_until_finished()
+    if variant.gc_frozen:
+        ckpt_lib.gcpause.thaw()
 
 
 def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: int) -> list[float]:
@@ -427,7 +435,7 @@ def later_saves(mgr: ocp.CheckpointManager, variant: Variant, state: PyTree, n: 
         t0 = time.perf_counter()
         start = start_save(mgr, variant, step, fresh)
         out.append(time.perf_counter() - t0)
-        finish_save(mgr, start)
+        finish_save(mgr, variant, start)
         mgr.delete(step)  # jaxckpt's manager moves it to TODELETE, which a Checkpointer empties at its next save
         shutil.rmtree(mgr.directory / getattr(ckpt_lib, "TODELETE", ".deleted"), ignore_errors=True)
     return out

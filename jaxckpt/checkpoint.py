@@ -282,6 +282,7 @@ class Checkpointer:
         beside this save, whose writes may then keep to ``checkpoint.write_mb_s`` (:meth:`pacer_for`)."""
         self.wait()
         t0 = time.perf_counter()
+        gcpause.freeze()  # until _complete or _failed: collections meanwhile walk only what the save allocates
         self.schedule.saved(step)
         start, pacer = None, None
         try:
@@ -325,6 +326,7 @@ class Checkpointer:
         if self._pending is not None and self._pending.checksums is not None:
             self._pending.checksums.stop()
         self._pending = None
+        gcpause.thaw()
         if jax.process_index() == 0:
             for tmp in self._tmp_dirs(step):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -411,6 +413,7 @@ class Checkpointer:
 
     def _complete(self, p: _Pending) -> None:
         self._pending = None
+        gcpause.thaw()
         failed = distributed.agree(int(p.error is not None))
         if failed:
             return self._failed(p.step, p.error or OSError(f"process 0 failed to finalize step {p.step}"))
@@ -493,6 +496,7 @@ class Checkpointer:
             self.wait()
             self._purge_deleted()
         finally:
+            gcpause.thaw()  # also when wait() was interrupted
             try:
                 self.manager.close()
             except Exception as e:  # noqa: BLE001

@@ -12,6 +12,15 @@ stays off until the last one ends, and comes back only if it was on when the fir
 (:mod:`jaxckpt.pacing`) writes over several train steps, so collection stays off that long (5-7 s for the
 small config's 129 MB on 2 cores). A ``gc.disable()`` of your own made while a pause is in progress is undone
 when the last pause ends, if collection was on when the first began.
+
+Collections that do run while a save is in flight should be cheap too. The save allocates enough to set off a
+full collection after its writes as well, in Orbax's metadata step on the durable path: 0.11-0.12 s there,
+nearly all of it walking the ~220,000 objects the process held before the save began. :func:`freeze` at a
+save's start exempts those (``gc.freeze``) until :func:`thaw` at its end, so that collection took 3-5 ms.
+Reference counting still frees them meanwhile; cyclic garbage among them waits for the first full collection
+after the thaw. Where the process has frozen objects itself since importing jaxckpt (``gc.freeze()`` before
+forking, say), both do nothing. A thaw unfreezes the whole permanent generation (``gc.unfreeze``), including
+what was there at import.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ from collections.abc import Iterator
 _lock = threading.Lock()
 _depth = 0  # pauses in progress
 _resume = False  # whether collection was enabled when the first of them began
+_frozen = False  # whether freeze() froze the objects that are in gc's permanent generation now
+# What the permanent generation held when this module was imported: CPython 3.12 starts with a few hundred
+# tuples there. More than that later means the process froze objects itself.
+_FROZEN_AT_IMPORT = gc.get_freeze_count()
 
 
 @contextlib.contextmanager
@@ -42,3 +55,22 @@ def paused() -> Iterator[None]:
             _depth -= 1
             if _depth == 0 and _resume:
                 gc.enable()
+
+
+def freeze() -> None:
+    """Exempt every object alive now from cyclic collection until :func:`thaw`, unless the process froze
+    objects itself since this module's import (that freeze is its own to undo) or a freeze of ours is in place."""
+    global _frozen
+    with _lock:
+        if not _frozen and gc.get_freeze_count() <= _FROZEN_AT_IMPORT:
+            gc.freeze()
+            _frozen = True
+
+
+def thaw() -> None:
+    """Undo :func:`freeze` (no-op if it froze nothing): the objects go back to the oldest generation."""
+    global _frozen
+    with _lock:
+        if _frozen:
+            gc.unfreeze()
+            _frozen = False

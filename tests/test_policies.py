@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import threading
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import grain
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxckpt import checkpoint as checkpoint_module
 from jaxckpt import gcpause
 from jaxckpt.checkpoint import TODELETE, Checkpointer, gc_paused
 from jaxckpt.config import CheckpointConfig
@@ -326,3 +330,76 @@ def test_overlapping_pauses_keep_the_collector_off_until_the_last_ends() -> None
     finally:
         release.set()
         gc.enable()
+
+
+class Node:
+    """An object that can sit in a reference cycle (only the cyclic collector frees those)."""
+
+    other: object = None
+
+
+def cycle() -> weakref.ref:
+    """A weak reference to one of two objects that only refer to each other: garbage for the cyclic collector."""
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+@pytest.fixture
+def manual_gc() -> Iterator[None]:
+    """Only explicit gc.collect() calls collect, so that garbage made by a test waits for the test's own."""
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_freeze_exempts_what_is_alive_from_collection_until_thaw(manual_gc: None) -> None:
+    """A full collection during a save walks only what the save allocated; after thaw() the rest is collected
+    again, and a freeze the process made itself is left alone."""
+    garbage = cycle()
+    gcpause.freeze()
+    try:
+        assert gc.get_freeze_count() > 0
+        gc.collect()
+        assert garbage() is not None, "a frozen object was collected"
+        young = cycle()
+        gc.collect()
+        assert young() is None, "what was allocated after the freeze is collected as usual"
+    finally:
+        gcpause.thaw()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert garbage() is None
+    gc.freeze()  # the process's own, e.g. before forking workers
+    try:
+        theirs = gc.get_freeze_count()
+        assert theirs > 0
+        gcpause.freeze()
+        gcpause.thaw()
+        assert gc.get_freeze_count() == theirs
+    finally:
+        gc.unfreeze()
+
+
+def test_a_save_keeps_the_freeze_until_it_completes_or_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             manual_gc: None) -> None:
+    cfg = CheckpointConfig(async_save=True, on_save_error="continue")
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    with Checkpointer(tmp_path / "ckpt", cfg, clock=FakeClock()) as ckpt:
+        garbage = cycle()
+        ckpt.save(1, _state(1), it, {"step": 1})
+        assert ckpt._pending is not None
+        gc.collect()
+        assert garbage() is not None, "not frozen while the save is in flight"
+        ckpt.wait()
+        assert ckpt.complete_steps() == [1] and gc.get_freeze_count() == 0
+        gc.collect()
+        assert garbage() is None
+
+        def full_disk(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(checkpoint_module, "SaveStart", full_disk)
+        ckpt.save(2, _state(2), it, {"step": 2})
+        assert ckpt._pending is None and gc.get_freeze_count() == 0
+        assert ckpt.complete_steps() == [1]
