@@ -390,10 +390,11 @@ def test_unsafe_config_change_refuses_to_resume(
 
 
 def test_checkpoints_from_before_a_config_key_existed_still_resume(dataset: Path) -> None:
-    """A saved config without a key added later (model.scan_layers, model.remat) means that key's default."""
+    """A saved config without a key added later (model.scan_layers, model.remat, model.attention) means that
+    key's default."""
     cfg = make_cfg(dataset)
     saved = cfg.to_dict()
-    for key in ("scan_layers", "remat"):
+    for key in ("scan_layers", "remat", "attention"):
         del saved["model"][key]
     assert config_changes(saved, cfg) == ([], [])
     assert config_changes(saved, make_cfg(dataset, "model.d_ff=64"))[1] == ["model.d_ff: 192 -> 64"]
