@@ -178,14 +178,19 @@ def measure(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
             "loss": loss}
 
 
+def lead(path: str, cfg: Config, params: str) -> str:
+    """The row's first cells, which say what was measured: config, params, remat, attention, batch x seq."""
+    m = cfg.model
+    return f"| {Path(path).stem} | {params} | {m.remat} | {m.attention} | {cfg.data.batch_size}x{m.seq_len} | "
+
+
 def row(path: str, cfg: Config, r: dict[str, Any], peak: float | None, probe: float) -> str:
-    m, n_dev, tokens, flops = cfg.model, r["n_devices"], r["tokens_per_step"], r["model_flops_per_step"]
+    n_dev, tokens, flops = r["n_devices"], r["tokens_per_step"], r["model_flops_per_step"]
     model_tf_s = flops / r["step_s"] / n_dev / 1e12  # per device
     mfu = f"**{model_tf_s / peak:.1%}**" if peak else "n/a"
     xla = f"{r['xla_flops_per_device'] * n_dev / flops:.2f}" if r["xla_flops_per_device"] else "n/a"
     mem = f"{r['xla_bytes_per_device'] / 2**30:.1f}" if r["xla_bytes_per_device"] else "n/a"
-    return (f"| {Path(path).stem} | {r['params'] / 1e6:,.0f}M | {m.remat} | {m.attention} | "
-            f"{cfg.data.batch_size}x{m.seq_len} | "
+    return (lead(path, cfg, f"{r['params'] / 1e6:,.0f}M") +
             f"{r['step_s'] * 1e3:,.1f} | {tokens / r['step_s']:,.0f} | {model_tf_s:,.1f} | {mfu} | "
             f"{model_tf_s / probe:.1%} | {xla} | {mem} | {r['compile_s']:.0f} | {r['loss']:.3f} |")
 
@@ -235,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = measure(cfg, args.steps, args.repeats)
         except Exception as e:  # noqa: BLE001 - one config out of memory must not hide the others
-            rows.append(f"| {Path(path).stem} | - | {cfg.model.remat} | {cfg.model.attention} | "
-                        f"{cfg.data.batch_size}x{cfg.model.seq_len} | "
-                        f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |")
+            rows.append(lead(path, cfg, "-") + f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |")
             continue
         raw[path] = r
         rows.append(row(path, cfg, r, peak, probe))
