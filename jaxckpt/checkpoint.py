@@ -251,6 +251,7 @@ class Checkpointer:
         self.retention = retention(cfg)
         self._metrics: dict[int, dict[str, float]] = {}
         self._pending: _Pending | None = None
+        self._failed_steps: set[int] = set()  # their leftovers are removed again once Orbax's threads stop
         self.last_blocking_s = 0.0
         self.last_durable_s = 0.0
 
@@ -327,11 +328,8 @@ class Checkpointer:
             self._pending.checksums.stop()
         self._pending = None
         gcpause.thaw()
-        if jax.process_index() == 0:
-            for tmp in self._tmp_dirs(step):
-                shutil.rmtree(tmp, ignore_errors=True)
-            if self.step_dir(step).exists() and not integrity.has_manifest(self.step_dir(step)):
-                shutil.rmtree(self.step_dir(step), ignore_errors=True)
+        self._failed_steps.add(step)
+        self._remove_leftovers(step)
         self.manager.reload()
         cause = "the disk is full" if _is_enospc(e) else f"{type(e).__name__}: {e}"
         msg = (f"saving checkpoint {step} to {self.directory} failed: {cause}. Committed checkpoints "
@@ -343,6 +341,14 @@ class Checkpointer:
             log("WARNING: " + msg)
             return
         raise CheckpointSaveError(msg) from e
+
+    def _remove_leftovers(self, step: int) -> None:
+        """Delete what a failed save of ``step`` wrote (process 0): its temp dirs, a step dir without manifest."""
+        if jax.process_index() == 0:
+            for tmp in self._tmp_dirs(step):
+                shutil.rmtree(tmp, ignore_errors=True)
+            if self.step_dir(step).exists() and not integrity.has_manifest(self.step_dir(step)):
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
 
     def _finalize(self, pending: _Pending) -> None:
         try:
@@ -501,6 +507,10 @@ class Checkpointer:
                 self.manager.close()
             except Exception as e:  # noqa: BLE001
                 logging.getLogger("jaxckpt.library").warning("closing the CheckpointManager failed", exc_info=e)
+            # Orbax's own threads may still have been writing a failed save's files when _failed removed
+            # them (the error of one array does not stop the others); they have stopped now.
+            for step in self._failed_steps:
+                self._remove_leftovers(step)
 
     def __enter__(self) -> Checkpointer:
         return self

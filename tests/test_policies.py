@@ -403,3 +403,31 @@ def test_a_save_keeps_the_freeze_until_it_completes_or_fails(tmp_path: Path, mon
         ckpt.save(2, _state(2), it, {"step": 2})
         assert ckpt._pending is None and gc.get_freeze_count() == 0
         assert ckpt.complete_steps() == [1]
+
+
+def test_a_failed_saves_files_written_after_the_failure_are_removed_at_close(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """One array's error does not stop Orbax's other writes: files of the failed step that appear after
+    _failed cleaned up (here: while the manager closes) are removed once Orbax's threads have stopped."""
+    cfg = CheckpointConfig(async_save=True, on_save_error="continue")
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(tmp_path / "ckpt", cfg, clock=FakeClock())
+    ckpt.save(1, _state(1), it, {"step": 1})
+    ckpt.wait()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "SaveStart", full_disk)
+    ckpt.save(2, _state(2), it, {"step": 2})
+    close = ckpt.manager.close
+    late = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-1234" / "state"
+
+    def close_while_a_writer_finishes() -> None:
+        late.mkdir(parents=True)
+        (late / "d").write_bytes(b"late shard")
+        close()
+
+    monkeypatch.setattr(ckpt.manager, "close", close_while_a_writer_finishes)
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
