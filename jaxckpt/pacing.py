@@ -17,6 +17,10 @@ limit of 96 GB in flight is a byte limiter too): OCDBT commits the writes pendin
 Writes admitted in one window are pending together, so a window is one batch or a few: the same standard
 Orbax checkpoint in a few more files. :meth:`WritePacer.lift` lets the rest through at once (whoever
 waits for the save: the next save, a preemption, the end of training).
+
+A waiting write sleeps until its window opens, woken early only by :meth:`WritePacer.lift`. An earlier
+version woke every 50 ms to look: with the small config's 172 arrays all waiting from the start, those wake-ups
+took 0.05-0.1 CPU-s per save, out of the train steps beside it (benchmarks/README.md §2, seventeenth session).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -31,22 +36,24 @@ import jax
 from orbax.checkpoint._src.serialization import limits
 
 PERIOD_S = 0.5
-POLL_S = 0.05  # how soon a waiting write notices lift()
 
 
 class WritePacer(limits.ByteLimiter):
     """Admits writes in windows of at most ``mb_per_s * period_s`` MB, one window every ``period_s``."""
 
     def __init__(self, mb_per_s: float, period_s: float = PERIOD_S, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+                 sleep: Callable[[float], Awaitable[None]] | None = None):
+        """``sleep(seconds)``: how a waiting write waits (tests pass a fake; by default until lift())."""
         if mb_per_s <= 0 or period_s <= 0:
             raise ValueError(f"a pace needs a positive rate and period, not {mb_per_s} MB/s every {period_s} s")
         self.rate, self.burst, self.period = mb_per_s * 1e6, mb_per_s * 1e6 * period_s, period_s
-        self._clock, self._sleep = clock, sleep
+        self._clock, self._sleep = clock, sleep or self._sleep_unless_lifted
         self._opens: float | None = None  # when the current window opens
         self._used = 0.0  # bytes admitted in the current window
         self.lifted = False
         self.windows = 0  # windows opened so far (tests read it)
+        self._lock = threading.Lock()  # lift() comes from another thread than Orbax's event loop
+        self._wakers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     def _window_for(self, n: int) -> float:
         """The opening time of the window that admits ``n`` more bytes (the current one, or a new one)."""
@@ -61,14 +68,35 @@ class WritePacer(limits.ByteLimiter):
     async def wait_for_bytes(self, requested_bytes: int) -> None:
         opens = self._window_for(requested_bytes)
         while not self.lifted and (left := opens - self._clock()) > 0:
-            await self._sleep(min(left, POLL_S))
+            await self._sleep(left)
 
     async def release_bytes(self, requested_bytes: int) -> None:
         del requested_bytes  # windows pace starts; finished writes free nothing
 
+    async def _sleep_unless_lifted(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until :meth:`lift`: one timer per waiting write, no polling."""
+        waker = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            if self.lifted:
+                return
+            self._wakers.add(waker)
+        try:
+            async with asyncio.timeout(seconds):
+                await waker[1].wait()
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._wakers.discard(waker)
+
     def lift(self) -> None:
-        """Admit everything from now on (thread-safe: waiting writes notice within ``POLL_S``)."""
-        self.lifted = True
+        """Admit everything from now on, and wake the writes waiting (thread-safe)."""
+        with self._lock:
+            self.lifted = True
+            wakers = list(self._wakers)
+        for loop, event in wakers:
+            with contextlib.suppress(RuntimeError):  # that write's event loop has closed
+                loop.call_soon_threadsafe(event.set)
 
 
 _CURRENT: contextvars.ContextVar[WritePacer | None] = contextvars.ContextVar("jaxckpt_write_pacer", default=None)

@@ -63,14 +63,41 @@ def test_a_large_write_gets_a_window_of_its_own_and_keeps_the_average_rate() -> 
     assert admitted_at(pacer, fake, [6 * MB, 6 * MB, 30 * MB, 1 * MB]) == [1.0, 2.0, 3.0, 6.75]
 
 
-def test_lift_lets_a_waiting_write_through() -> None:
+def test_a_waiting_write_sleeps_once_until_its_window_opens() -> None:
+    """No polling: with every array of a save waiting from the start, periodic wake-ups took CPU from the
+    train steps beside it."""
+    fake, naps = FakeTime(), []
+
+    async def sleep(dt: float) -> None:
+        naps.append(round(dt, 6))
+        await fake.sleep(dt)
+
+    pacer = WritePacer(8, period_s=1.0, clock=fake, sleep=sleep)
+    assert admitted_at(pacer, fake, [2 * MB] * 5 + [30 * MB]) == [1.0, 1.0, 1.0, 1.0, 2.0, 3.0]
+    assert naps == [1.0, 1.0, 1.0]  # three writes found their window not yet open; the others went at once
+
+
+def test_lift_lets_the_writes_still_to_come_through_at_once() -> None:
     fake = FakeTime()
     pacer = WritePacer(1, period_s=10.0, clock=fake, sleep=fake.sleep)
-    fake.on_sleep = lambda: pacer.lift() if fake.t >= 1.0 else None
-    # The windows would open at 10 s and 20 s; lifted at 1 s, both go within one poll of that.
-    lifted = pytest.approx(1.0, abs=pacing.POLL_S)
-    assert admitted_at(pacer, fake, [10 * MB, 1 * MB]) == [lifted, lifted]
-    assert admitted_at(pacer, fake, [50 * MB]) == [lifted]  # and all that come after
+    assert admitted_at(pacer, fake, [10 * MB]) == [10.0]
+    pacer.lift()
+    assert admitted_at(pacer, fake, [10 * MB, 50 * MB]) == [10.0, 10.0]  # their windows would open at 20 s, 30 s
+
+
+def test_lift_wakes_a_waiting_write_from_another_thread() -> None:
+    """The next save, a preemption or the end of training lifts the pace from the train thread while the
+    writes wait on Orbax's event loop."""
+    pacer = WritePacer(1, period_s=60.0)  # the first window opens a minute after the request
+    admitted = threading.Event()
+    writer = threading.Thread(target=lambda: (asyncio.run(pacer.wait_for_bytes(MB)), admitted.set()), daemon=True)
+    writer.start()
+    time.sleep(0.3)
+    assert not admitted.is_set()
+    pacer.lift()
+    assert admitted.wait(10), "lift() did not wake the write waiting for its window"
+    writer.join()
+    assert not pacer._wakers
 
 
 def test_a_pace_needs_a_positive_rate() -> None:
