@@ -477,6 +477,21 @@ def thread_rows(m: Measured) -> list[str]:
     return lines
 
 
+def position_line(m: Measured, t0: float) -> str:
+    """Overlapped steps by their place in the save window: the first carries Orbax's per-array set-up and the
+    step that cannot donate the state the save still reads; later ones only the paced writes."""
+    places = {"1st": [s.steps[:1] for s in m.saves], "2nd": [s.steps[1:2] for s in m.saves],
+              "3rd and later": [s.steps[2:] for s in m.saves]}
+    cells = []
+    for name, runs in places.items():
+        walls = [x.wall / t0 for steps in runs for x in steps]
+        if walls:
+            cells.append(f"{name} {statistics.fmean(walls):.2f}× / {max(walls):.2f}× ({len(walls)})")
+    normal = max(x.wall for n in m.normals for x in n.steps) / t0
+    return (f"overlapped steps by place in the save window, mean / max ÷ T0 (count): {'; '.join(cells)}; "
+            f"normal steps max ÷ T0: {normal:.2f}×")
+
+
 def goodput_lines(sm: dict[str, Any]) -> list[str]:
     n, t0 = sm["every"], sm["t0"]
     return [
@@ -550,6 +565,7 @@ def report(cfg: Config, args: argparse.Namespace, bench: Bench, m: Measured, arg
         f"| {mark(sm['goodput'] >= GOODPUT_TARGET)} |",
         f"| save CPU per save (blocking + overlapped excess + wait) | {sm['save_cpu']:.2f} s "
         f"(alone: {save_cpu(m.alone, sm['c0']):.2f} s) | - | |", "",
+        position_line(m, sm["t0"]), "",
         *goodput_lines(sm),
     ]
     if args.thread_cpu:
