@@ -11,9 +11,12 @@ made one step 1.34-1.57x as long there; admitted at 16 MB per 0.5 s, the slowest
 A :class:`WritePacer` is the byte limiter Orbax consults before each array write
 (``ParamInfo.byte_limiter``): it admits up to ``rate * period`` bytes per window, the next window opening
 ``period`` later (or later still, so that one large array keeps the average rate). The first opens one
-period after the save's first request, so that Orbax's per-array set-up, which comes before, and the first
-writes fall in different steps. Orbax's handler writes without an OCDBT transaction anyway (its default
-limit of 96 GB in flight is a byte limiter too): OCDBT commits the writes pending together, in batches.
+period after the save's first request, so that what Orbax sets up for all arrays before that request and the
+first writes fall in different steps. Each array's own set-up (TensorStore's opens, its metadata write) waits
+for the array's window with its writes (:func:`jaxckpt.shard_writes.write_at_once`).
+
+Orbax's handler writes without an OCDBT transaction anyway (its default limit of 96 GB in flight is a byte
+limiter too): OCDBT commits the writes pending together, in batches.
 Writes admitted in one window are pending together, so a window is one batch or a few: the same standard
 Orbax checkpoint in a few more files. :meth:`WritePacer.lift` lets the rest through at once (whoever
 waits for the save: the next save, a preemption, the end of training).

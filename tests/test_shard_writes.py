@@ -4,6 +4,7 @@ started together, the same bytes to the same places; every other save keeps Orba
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import threading
 from pathlib import Path
@@ -72,6 +73,39 @@ def test_below_a_limiters_max_bytes_an_array_is_written_in_several_groups(tmp_pa
     shard_writes.mark([small])
     assert _write(x, tmp_path / "a", small).tobytes() == np.asarray(x).tobytes()
     assert small.asked == [192, 192, 128]
+
+
+class SeesArray(Recording):
+    """Notes, at each reservation, whether the array's metadata (``zarr.json``) exists yet."""
+
+    def __init__(self, path: Path, max_bytes: int = 1 << 40):
+        super().__init__(max_bytes)
+        self.path, self.existed = path, []
+
+    async def wait_for_bytes(self, requested_bytes: int) -> None:
+        self.existed.append((self.path / "zarr.json").exists())
+        await super().wait_for_bytes(requested_bytes)
+
+
+def test_an_array_is_created_once_its_first_bytes_are_admitted(tmp_path: Path) -> None:
+    """A paced save's per-array set-up (TensorStore's opens, the metadata write) waits for the array's window
+    with its writes, instead of all of it falling in the first train step beside the save."""
+    x = arrays()[0]
+    limiter = SeesArray(tmp_path / "a", max_bytes=x.nbytes // 2)
+    shard_writes.mark([limiter])
+    assert _write(x, tmp_path / "a", limiter).tobytes() == np.asarray(x).tobytes()
+    assert limiter.existed == [False, True, True]  # three groups; opened once, after the first was admitted
+
+
+def test_an_array_with_no_shard_to_write_here_is_still_created(tmp_path: Path) -> None:
+    x = arrays()[0]
+    none_here = d2h.transfer([x], 0)[0]
+    none_here = dataclasses.replace(none_here, replica_slices=[])
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}, "dtype": x.dtype.name,
+            "metadata": {"shape": list(x.shape), "data_type": x.dtype.name}}
+    asyncio.run(shard_writes.write_at_once(none_here, spec, context=None, primary_host=None, transaction=None,
+                                           byte_limiter=Recording()))
+    assert ts.open({k: v for k, v in spec.items() if k != "metadata"}).result().shape == x.shape
 
 
 def test_a_jaxckpt_save_reserves_each_arrays_bytes_once_and_reads_back_bit_for_bit(tmp_path: Path) -> None:
