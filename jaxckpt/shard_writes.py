@@ -68,18 +68,20 @@ async def write_at_once(rslices_on_host: Any, tensorstore_spec: dict[str, Any], 
     if not rslices_on_host.is_on_host:
         raise ValueError("replica slices have not been transferred to the host")
     with gcpause.paused():
+        spec = ts.Spec(tensorstore_spec)
         fragments = rslices_on_host.to_fragments().fragments
+        if not fragments:  # no shard of it to write here: the primary host still creates it
+            await _open(spec, context, primary_host, transaction)
+            return
         nbytes = [f.value.nbytes for f in fragments]
         array = None
         for run in groups(nbytes, getattr(byte_limiter, "max_bytes", None)):
             async with limits.reserved_bytes(byte_limiter, sum(nbytes[run])):
                 if array is None:  # opened once its first bytes are admitted: a paced save's set-up is paced too
-                    array = await _open(ts.Spec(tensorstore_spec), context, primary_host, transaction)
+                    array = await _open(spec, context, primary_host, transaction)
                 writes = [array[f.index].write(f.value, can_reference_source_data_indefinitely=True)
                           for f in fragments[run]]  # shards are immutable host copies: TensorStore copies nothing
                 await wait_for(writes)
-        if array is None:  # no shard of it to write here: the primary host still creates it
-            await _open(ts.Spec(tensorstore_spec), context, primary_host, transaction)
 
 
 async def _open(spec: ts.Spec, context: ts.Context | None, primary_host: int | None,
