@@ -40,7 +40,8 @@ it appears (~10 ms late), to see how much of the slowdown is the save competing 
 ``idle-ts`` does it to TensorStore's threads only (C++ threads, unlike Orbax's Python ones).
 
 T0 = median step time of all normal windows. Slowdown = overlapped step time / T0, mean and max over all
-overlapped steps; per save also against the median of its two adjacent normal windows (*local T0*).
+overlapped steps; per save also against the median of its two adjacent normal windows (*local T0*); and by
+the step's place in its save window (1st, 2nd, 3rd and later), beside the normal steps' own max.
 Goodput with a save every N (= ``checkpoint.every_steps``, or ``--every``) from the pieces measured:
 ``N*T0 / (N*T0 + extra)``, extra = blocking + sum(overlapped step - T0) + wait, averaged over the saves.
 *Save CPU* = blocking CPU + sum(overlapped step CPU - median normal step CPU) + wait CPU (for the save
@@ -252,7 +253,7 @@ class Watcher(threading.Thread):
         renicing = self.priority != "default"
         while not self.stop_event.wait(RENICE_TICK_S if renicing and self.t0 is not None else TICK_S):
             self._stamp()
-            if self.priority != "default":
+            if renicing:
                 self._renice_new()
             if self.sample_cpu and time.perf_counter() - last_sample >= SAMPLE_S:
                 last_sample = time.perf_counter()
@@ -478,8 +479,8 @@ def thread_rows(m: Measured) -> list[str]:
 
 
 def position_line(m: Measured, t0: float) -> str:
-    """Overlapped steps by their place in the save window: the first carries Orbax's per-array set-up and the
-    step that cannot donate the state the save still reads; later ones only the paced writes."""
+    """Overlapped steps by their place in the save window: the first carries what Orbax sets up for all arrays
+    and the step that cannot donate the state the save still reads; later ones the paced writes."""
     places = {"1st": [s.steps[:1] for s in m.saves], "2nd": [s.steps[1:2] for s in m.saves],
               "3rd and later": [s.steps[2:] for s in m.saves]}
     cells = []
