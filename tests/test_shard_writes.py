@@ -45,14 +45,24 @@ def test_groups_stay_below_max_bytes_and_a_too_large_item_stands_alone() -> None
     assert list(shard_writes.groups([], 5)) == []
 
 
+def _spec(x: jax.Array, path: Path, chunk_shape: tuple[int, ...]) -> dict[str, Any]:
+    """A zarr3 TensorStore spec for ``x`` at ``path``, as Orbax hands it to async_serialize_from_host."""
+    grid = {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}}
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "dtype": x.dtype.name,
+            "metadata": {"shape": list(x.shape), "data_type": x.dtype.name, "chunk_grid": grid}}
+
+
+def _opened(spec: dict[str, Any]) -> ts.TensorStore:
+    """The array ``spec`` names, opened from what is on disk (its metadata as written)."""
+    return ts.open({k: v for k, v in spec.items() if k != "metadata"}).result()
+
+
 def _write(x: jax.Array, path: Path, limiter: limits.ByteLimiter) -> np.ndarray:
     """``x``'s replica-0 shards through Orbax's (installed) async_serialize_from_host; what the file holds."""
     rslices = d2h.transfer([x], 0)[0]
-    grid = {"name": "regular", "configuration": {"chunk_shape": list(rslices.local_shape)}}
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "dtype": x.dtype.name,
-            "metadata": {"shape": list(x.shape), "data_type": x.dtype.name, "chunk_grid": grid}}
+    spec = _spec(x, path, rslices.local_shape)
     asyncio.run(orbax_ser.async_serialize_from_host(rslices, spec, byte_limiter=limiter))
-    return ts.open({k: v for k, v in spec.items() if k != "metadata"}).result().read().result()
+    return _opened(spec).read().result()
 
 
 def test_a_marked_limiter_is_asked_once_per_array_an_unmarked_one_per_shard(tmp_path: Path) -> None:
@@ -99,13 +109,11 @@ def test_an_array_is_created_once_its_first_bytes_are_admitted(tmp_path: Path) -
 
 def test_an_array_with_no_shard_to_write_here_is_still_created(tmp_path: Path) -> None:
     x = arrays()[0]
-    none_here = d2h.transfer([x], 0)[0]
-    none_here = dataclasses.replace(none_here, replica_slices=[])
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}, "dtype": x.dtype.name,
-            "metadata": {"shape": list(x.shape), "data_type": x.dtype.name}}
+    none_here = dataclasses.replace(d2h.transfer([x], 0)[0], replica_slices=[])
+    spec = _spec(x, tmp_path / "a", none_here.local_shape)
     asyncio.run(shard_writes.write_at_once(none_here, spec, context=None, primary_host=None, transaction=None,
                                            byte_limiter=Recording()))
-    assert ts.open({k: v for k, v in spec.items() if k != "metadata"}).result().shape == x.shape
+    assert _opened(spec).shape == x.shape
 
 
 def test_a_jaxckpt_save_reserves_each_arrays_bytes_once_and_reads_back_bit_for_bit(tmp_path: Path) -> None:
