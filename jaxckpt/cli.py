@@ -180,5 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``jaxckpt`` script: ``train`` and ``launch`` start again under TCMalloc first (jaxckpt.malloc)."""
+    if sys.argv[1:2] in (["train"], ["launch"]):
+        from jaxckpt import malloc
+        from jaxckpt.errors import ConfigError
+
+        try:
+            malloc.reexec()
+        except ConfigError as e:  # a bad $JAXCKPT_MALLOC
+            print(f"jaxckpt: error: {e}", file=sys.stderr)
+            sys.exit(2)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxckpt import aot
+from jaxckpt import aot, malloc
 from jaxckpt import resume as resume_lib
 from jaxckpt.checkpoint import Checkpointer
 from jaxckpt.config import Config
@@ -154,7 +154,7 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
         route_library_logs(workdir)
         events = EventLog(workdir)
         events.emit("start", process_start=process_start_time(), processes=jax.process_count(),
-                    devices=jax.device_count())
+                    devices=jax.device_count(), allocator=malloc.in_use())
         run = Run.build(cfg, workdir)
         run.executables, run.prefetch = executables, prefetch
         resume_lib.prepare_dir(cfg, workdir)
@@ -164,8 +164,9 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
             events.emit("restore" if start.resumed_from is not None else "init", step=start.step,
                         seconds=time.perf_counter() - t0)
             log(summary(run, param_count(start.state["params"]), start.step))
-            if note := determinism_note(cfg):
-                log(note)
+            for note in (determinism_note(cfg), malloc.describe() if jax.default_backend() == "cpu" else None):
+                if note:
+                    log(note)
             writer = MetricsWriter(workdir, cfg.train.tensorboard, cfg.train.progress, cfg.train.steps, start.step)
             try:
                 result = loop(run, ckpt, writer, start, guard, stop_at, events)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxckpt import ckpt_tools, malloc
 from jaxckpt.cli import main
-from jaxckpt.metrics import read_metrics
+from jaxckpt.metrics import read_jsonl, read_metrics
 
 # A tiny model: compiles and trains 20 steps in seconds on 2 cores. The schedule is pinned
 # (optim.decay_steps) so runs with different train.steps compile the same step, and the runs that
@@ -37,9 +38,10 @@ def cli_env(root: Path) -> dict[str, str]:
     return env
 
 
-def jaxckpt(root: Path, *args: str, timeout: float = 240) -> Proc:
-    """Run ``python -m jaxckpt.cli ARGS`` in ``root`` (killed and failed after ``timeout`` seconds)."""
-    p = subprocess.run([sys.executable, "-m", "jaxckpt.cli", *args], cwd=root, env=cli_env(root),
+def jaxckpt(root: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None) -> Proc:
+    """Run ``python -m jaxckpt.cli ARGS`` in ``root`` (killed and failed after ``timeout`` seconds), with
+    ``env`` added to :func:`cli_env`."""
+    p = subprocess.run([sys.executable, "-m", "jaxckpt.cli", *args], cwd=root, env={**cli_env(root), **(env or {})},
                        capture_output=True, text=True, timeout=timeout)
     return Proc(p.returncode, p.stdout, p.stderr)
 
@@ -48,6 +50,10 @@ def words_text(n_words: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     words = rng.choice(["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis"], n_words)
     return " ".join(words) + "\n"
+
+
+TRAIN_ARGS = ["data.path=data/ds", "train.steps=20", "train.log_every=5", "train.eval_every=10",
+              "train.eval_batches=1", "checkpoint.every_steps=10", *TINY]
 
 
 @dataclass
@@ -66,10 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     (root / "corpus.txt").write_text(words_text(6000, seed=0))
     prep = jaxckpt(root, "prepare", "--input", "corpus.txt", "--out", "data/ds")
     assert prep.rc == 0, prep.stderr
-    train = jaxckpt(
-        root, "train", "--workdir", "run", "data.path=data/ds", "train.steps=20", "train.log_every=5",
-        "train.eval_every=10", "train.eval_batches=1", "checkpoint.every_steps=10", *TINY,
-    )
+    train = jaxckpt(root, "train", "--workdir", "run", *TRAIN_ARGS)
     return Trained(root, root / "data" / "ds", root / "run", prep, train)
 
 
@@ -112,6 +115,33 @@ def test_train_writes_checkpoints(trained: Trained) -> None:
     assert not [p for p in ckpts.iterdir() if "tmp" in p.name]
 
 
+def start_event(workdir: Path) -> dict:
+    return next(e for e in read_jsonl(workdir / "events.jsonl") if e["event"] == "start")
+
+
+@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+def test_train_runs_under_tcmalloc_and_trains_the_same_bits_as_under_glibc(trained: Trained) -> None:
+    """The command starts itself again under TCMalloc (jaxckpt.malloc); JAXCKPT_MALLOC=system keeps glibc's
+    malloc. The allocator changes where XLA's buffers live, never what the step computes."""
+    assert start_event(trained.workdir)["allocator"] == "tcmalloc"
+    assert "host allocator: TCMalloc (TCMALLOC_RELEASE_RATE=0)" in trained.train.stderr
+    glibc = jaxckpt(trained.root, "train", "--workdir", "run_glibc", *TRAIN_ARGS, env={malloc.ENV: "system"})
+    assert glibc.rc == 0, glibc.stderr[-3000:]
+    assert start_event(trained.root / "run_glibc")["allocator"] == "system"
+    assert f"host allocator: glibc malloc ({malloc.ENV}=system)" in glibc.stderr
+    params = [np.load(export(workdir, 20, trained.root / f"{workdir.name}.npz"))
+              for workdir in (trained.workdir, trained.root / "run_glibc")]
+    assert sorted(params[0].files) == sorted(params[1].files) and params[0].files
+    for name in params[0].files:
+        a, b = params[0][name], params[1][name]
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+
+
+def export(workdir: Path, step: int, out: Path) -> Path:
+    ckpt_tools.export(workdir / "checkpoints", step, out)
+    return out
+
+
 def test_train_on_default_corpus(trained: Trained) -> None:
     """No data.path: the default corpus (stdlib sources) is built in $JAXCKPT_CACHE on first use."""
     root = trained.root
@@ -141,7 +171,9 @@ def errors(tmp_path_factory: pytest.TempPathFactory) -> Errors:
         "mesh": ["train", "--workdir", "run_mesh", "mesh.data=3", *TINY],
         "config": ["train", "--workdir", "run_config", "--config", "nope.py"],
     }
-    return Errors(root, {name: jaxckpt(root, *args, timeout=120) for name, args in cases.items()})
+    runs = {name: jaxckpt(root, *args, timeout=120) for name, args in cases.items()}
+    runs["malloc"] = jaxckpt(root, "train", "--workdir", "run_malloc", env={malloc.ENV: "jemalloc"}, timeout=120)
+    return Errors(root, runs)
 
 
 def assert_clean_error(p: Proc) -> None:
@@ -168,6 +200,13 @@ def test_missing_config_file(errors: Errors) -> None:
     p = errors.runs["config"]
     assert_clean_error(p)
     assert "config file 'nope.py' not found (try configs/tiny.py)" in p.stderr
+
+
+def test_unknown_allocator_names_the_choices(errors: Errors) -> None:
+    p = errors.runs["malloc"]
+    assert_clean_error(p)
+    assert "JAXCKPT_MALLOC='jemalloc' is not one of tcmalloc, system" in p.stderr
+    assert not (errors.root / "run_malloc").exists()
 
 
 def test_prepare_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

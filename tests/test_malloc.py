@@ -1,0 +1,57 @@
+"""jaxckpt.malloc: which environment the ``jaxckpt`` command starts itself again in, and how it tells
+which allocator a process runs on. tests/test_cli.py runs the command under it end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jaxckpt import malloc
+from jaxckpt.errors import ConfigError
+
+LIB = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def test_tcmalloc_goes_first_in_ld_preload_and_keeps_what_was_there() -> None:
+    env = malloc.preload_env({"LD_PRELOAD": "/opt/libfoo.so", "HOME": "/root"}, LIB)
+    assert env is not None
+    assert env["LD_PRELOAD"] == f"{LIB} /opt/libfoo.so"
+    assert env["TCMALLOC_RELEASE_RATE"] == "0" and env[malloc.TRIED] == "1" and env["HOME"] == "/root"
+    assert malloc.preload_env({}, LIB)["LD_PRELOAD"] == str(LIB)
+
+
+def test_a_release_rate_the_user_set_is_kept() -> None:
+    assert malloc.preload_env({"TCMALLOC_RELEASE_RATE": "2"}, LIB)["TCMALLOC_RELEASE_RATE"] == "2"
+
+
+@pytest.mark.parametrize("env, lib", [({malloc.ENV: "system"}, LIB), ({malloc.ENV: " System "}, LIB),
+                                      ({malloc.TRIED: "1"}, LIB), ({}, None)])
+def test_no_restart_when_turned_off_already_tried_or_not_installed(env: dict[str, str], lib: Path | None) -> None:
+    assert malloc.preload_env(env, lib) is None
+
+
+def test_an_unknown_choice_names_the_choices_and_the_fix() -> None:
+    with pytest.raises(ConfigError, match="JAXCKPT_MALLOC='jemalloc' is not one of tcmalloc, system.*=system"):
+        malloc.preload_env({malloc.ENV: "jemalloc"}, LIB)
+
+
+def test_finds_the_first_library_in_the_first_directory_that_has_one(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    (b / "libtcmalloc.so.4").write_bytes(b"")
+    (c / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert malloc.find_tcmalloc([a, b, c]) == b / "libtcmalloc.so.4"
+    (b / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert malloc.find_tcmalloc([a, b, c]) == b / "libtcmalloc_minimal.so.4"
+    assert malloc.find_tcmalloc([a]) is None
+
+
+def test_in_use_reads_the_process_memory_map(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert malloc.in_use(maps) == "system"
+    maps.write_text(maps.read_text() + f"7f02-7f03 r-xp 0 08:01 2 {LIB}\n")
+    assert malloc.in_use(maps) == "tcmalloc"
+    assert malloc.in_use(tmp_path / "absent") == "system"
