@@ -40,6 +40,7 @@ try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<n
     import benchlib
 except ImportError:
     from benchmarks import benchlib
+from jaxckpt import malloc
 from jaxckpt import trainer as trainer_lib
 from jaxckpt.config import Config, load_config
 from jaxckpt.state import create_state
@@ -206,7 +207,7 @@ def header(cfg: Config, args: argparse.Namespace, bare_tok_s: float) -> str:
         f"per variant; log_every={cfg.train.log_every}; progress={'on' if cfg.train.progress else 'off'}; "
         f"tensorboard={'on' if cfg.train.tensorboard else 'off'}; checkpoint={ckpt}; "
         f"eval_every={cfg.train.eval_every}; data.worker_count={cfg.data.worker_count}; "
-        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; {malloc.describe()}"
     )
 
 
@@ -290,4 +291,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    malloc.reexec()  # measure on the allocator the jaxckpt command trains on (jaxckpt/malloc.py)
     sys.exit(main())

@@ -77,6 +77,7 @@ try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<n
     import benchlib
 except ImportError:
     from benchmarks import benchlib
+from jaxckpt import malloc
 from jaxckpt import resume as resume_lib
 from jaxckpt import trainer as trainer_lib
 from jaxckpt.checkpoint import Checkpointer
@@ -513,7 +514,8 @@ def goodput_lines(sm: dict[str, Any]) -> list[str]:
 
 def machine() -> str:
     return (f"{platform.system()} {platform.release()}, {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-            f"usable CPUs {len(os.sched_getaffinity(0))}, jax {jax.__version__} on {jax.devices()[0].platform}")
+            f"usable CPUs {len(os.sched_getaffinity(0))}, jax {jax.__version__} on {jax.devices()[0].platform}; "
+            f"{malloc.describe()}")
 
 
 def load() -> str:
@@ -676,4 +678,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    malloc.reexec()  # measure on the allocator the jaxckpt command trains on (jaxckpt/malloc.py)
     sys.exit(main())
