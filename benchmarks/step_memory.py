@@ -5,10 +5,12 @@ costs the step after it. Each setting runs in child processes, in turn, and is c
     python benchmarks/step_memory.py --rounds 1 model.n_layers=2      # quick
     python benchmarks/step_memory.py --settings default,xla-default,no-ynn   # XLA:CPU's fusion choices only
 
-An experiment: jaxckpt sets none of these. Settings (each child's environment, read at its start):
+Settings (each child's environment, read at its start); the ``jaxckpt`` command trains under the second:
 
-* ``default``  — as the trainer runs by default: XLA:CPU's YNNPACK dot fusions
+* ``glibc``  — glibc's malloc, and as the trainer compiles by default: XLA:CPU's YNNPACK dot fusions
   (``jaxckpt.step.CPU_YNN_FUSIONS``: each matmul with the elementwise work around it).
+* ``tcmalloc`` — TCMalloc preloaded as ``jaxckpt.malloc`` does it (``LD_PRELOAD``,
+  ``TCMALLOC_RELEASE_RATE=0``): freed blocks stay with the allocator for the next step.
 * ``xla-default`` — ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot``: XLA's own default,
   one YNNPACK call per matmul (the trainer then leaves the choice to XLA_FLAGS).
 * ``hugetlb``  — ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc asks for transparent huge pages on the
@@ -25,7 +27,8 @@ Per child (the trainer's ``Run.build`` step, ``create_state``, one pre-built bat
 the first call of the compiled step; ``--steps`` later calls (median wall s, minor page faults, user and
 system CPU s per call); then a call while zero-copy host views of every state leaf are held, as
 ``jaxckpt.d2h.Snapshot`` holds them on the CPU backend while a save runs (the step's donation of the state
-then fails, so XLA allocates a new state), ``--held`` times, each followed by a call without them.
+then fails, so XLA allocates a new state), ``--held`` times, each followed by a call without them; RSS
+after the later calls, at the end, and at its peak (``VmHWM``).
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jaxckpt import malloc
+
 YNN = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_experimental_ynn_fusion_type=".strip()
-SETTINGS = {"default": {}, "xla-default": {"XLA_FLAGS": YNN + "individual_dot"},
+SETTINGS = {"glibc": {}, "tcmalloc": {"STEP_MEMORY_TCMALLOC": "1"},
+            "xla-default": {"XLA_FLAGS": YNN + "individual_dot"},
             "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
             "one-arena": {"STEP_MEMORY_MALLOPT": "1"}, "no-ynn": {"XLA_FLAGS": YNN}}
 # mallopt(3) parameters for "one-arena": M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1 (its maximum).
@@ -86,6 +92,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One process's measurements (see the module docstring), as JSON on stdout."""
     if os.environ.get("STEP_MEMORY_MALLOPT"):
         apply_one_arena()  # before JAX (or numpy's BLAS) starts its threads
+    if (malloc.in_use() == "tcmalloc") != bool(os.environ.get("STEP_MEMORY_TCMALLOC")):
+        raise SystemExit(f"step_memory.py: the child runs on {malloc.in_use()}, not the setting's allocator")
     import jax
     import numpy as np
 
@@ -122,15 +130,29 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         beside.append(t)
     slowest = max(t["wall"] for t in later + held + beside)
     return out | {"held": _median(held), "beside": _median(beside), "rss_end": proc_status_mb("VmRSS"),
-                  "slowest": slowest, "donated": any(donated), "n_held": len(held)}
+                  "rss_peak": proc_status_mb("VmHWM"), "slowest": slowest, "donated": any(donated),
+                  "n_held": len(held)}
 
 
 def _median(calls: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(t[k] for t in calls) for k in calls[0]}
 
 
+def glibc_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """``env`` without glibc tunables or a TCMalloc preload (this script may itself run under one)."""
+    preload = " ".join(p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if "libtcmalloc" not in p)
+    out = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", malloc.TRIED)
+           and not k.startswith("TCMALLOC_")}
+    return out | ({"LD_PRELOAD": preload} if preload else {})
+
+
 def run_child(args: argparse.Namespace, setting: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | SETTINGS[setting]
+    env = glibc_env(os.environ) | SETTINGS[setting]
+    if setting == "tcmalloc":
+        lib = malloc.find_tcmalloc()
+        if lib is None:
+            raise SystemExit(f"step_memory.py: TCMalloc is not installed ({malloc.INSTALL})")
+        env = malloc.preload_env(env, lib)
     cmd = [sys.executable, __file__, "--child", "--config", args.config, "--rounds", "1",
            "--steps", str(args.steps), "--held", str(args.held), *args.overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -139,7 +161,7 @@ def run_child(args: argparse.Namespace, setting: str) -> dict[str, Any]:
 
 COLUMNS = ("setting", "first call s", "later call s", "faults per later call", "user s", "sys s",
            "call with snapshot views held s", "donated", "call after it s", "slowest call after the first s",
-           "RSS after the later calls MB", "RSS at the end MB")
+           "RSS after the later calls MB", "RSS at the end MB", "peak RSS MB")
 
 
 def report(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -151,7 +173,7 @@ def report(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                  f"{med(s, 'later', 'faults'):,.0f}", f"{med(s, 'later', 'user'):.2f}", f"{med(s, 'later', 'sys'):.2f}",
                  f"{med(s, 'held', 'wall'):.3f}", "yes" if any(r["donated"] for r in results[s]) else "no",
                  f"{med(s, 'beside', 'wall'):.3f}", f"{max(r['slowest'] for r in results[s]):.3f}",
-                 f"{med(s, 'rss_later'):,.0f}", f"{med(s, 'rss_end'):,.0f}"]
+                 f"{med(s, 'rss_later'):,.0f}", f"{med(s, 'rss_end'):,.0f}", f"{med(s, 'rss_peak'):,.0f}"]
         return "| " + " | ".join(cells) + " |"
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS), *map(row, results)]
