@@ -312,10 +312,14 @@ class Bench:
     def _completed(self, step: int) -> dict[str, Any] | None:
         return next((e for e in self.events if e["event"] == "checkpoint" and e.get("step") == step), None)
 
-    def one_step(self) -> Step:
+    def one_step(self, first: bool = False) -> Step:
+        """One step, waited for; ``first``: as the trainer runs its first (``trainer.first_step``)."""
         w, c = time.perf_counter(), time.process_time()
         batch = self.run.data.to_global(next(self.it))
-        self.state, self.metrics = self.run.step_fn(self.state, batch)
+        if first:
+            self.state, self.metrics = trainer_lib.first_step(self.run.step_fn, self.state, batch)
+        else:
+            self.state, self.metrics = self.run.step_fn(self.state, batch)
         jax.block_until_ready((self.state, self.metrics))
         self.step += 1
         self.ckpt.poll()
@@ -371,7 +375,7 @@ class Measured:
 
 def measure(bench: Bench, args: argparse.Namespace, every: int) -> Measured:
     """Compile + warm up, one save alone, then normal / save windows interleaved."""
-    compile_s = bench.one_step().wall
+    compile_s = bench.one_step(first=True).wall
     for _ in range(args.warmup):
         bench.one_step()
     alone = bench.save_window(0, train_beside=False)
