@@ -298,6 +298,7 @@ class Bench:
         self.cfg, self.events = cfg, []
         self.run = Run.build(cfg, workdir)
         self.state = create_state(self.run.mdef, self.run.tx, self.run.mesh, cfg.train.seed)
+        malloc.release_free_memory()  # as trainer.train does before its first step
         self.n_params = param_count(self.state["params"])
         self.state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.state))
         self.it = self.run.data.train_iterator(0)

@@ -161,6 +161,7 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
         with Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=events.emit) as ckpt:
             t0 = time.perf_counter()
             start = resume_lib.start_state(run, ckpt)
+            malloc.release_free_memory()  # init's or the restore's temporaries, which the steps do not reuse
             events.emit("restore" if start.resumed_from is not None else "init", step=start.step,
                         seconds=time.perf_counter() - t0)
             log(summary(run, param_count(start.state["params"]), start.step))

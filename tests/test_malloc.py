@@ -3,6 +3,9 @@ which allocator a process runs on. tests/test_cli.py runs the command under it e
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,29 @@ def test_in_use_reads_the_process_memory_map(tmp_path: Path) -> None:
     maps.write_text(maps.read_text() + f"7f02-7f03 r-xp 0 08:01 2 {LIB}\n")
     assert malloc.in_use(maps) == "tcmalloc"
     assert malloc.in_use(tmp_path / "absent") == "system"
+
+
+RELEASE = """
+import numpy as np
+from jaxckpt import malloc
+
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
+
+a = np.ones(400 << 20, np.uint8)
+del a
+kept = rss_mb()
+print(malloc.in_use(), kept, malloc.release_free_memory(), rss_mb())
+"""
+
+
+@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+def test_tcmalloc_keeps_freed_memory_until_told_to_release_it() -> None:
+    env = malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
+    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, check=True)
+    allocator, kept, released, after = out.stdout.split()
+    assert (allocator, released) == ("tcmalloc", "True")
+    assert int(kept) - int(after) > 350, out.stdout  # the 400 MB array's pages went back to the OS only now
+    glibc = subprocess.run([sys.executable, "-c", RELEASE], env=os.environ | {"LD_PRELOAD": ""},
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert glibc[0] == "system" and glibc[2] == "False"
