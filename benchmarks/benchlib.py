@@ -7,6 +7,7 @@ neither jax nor jaxckpt. Scripts run as files (``benchmarks/`` is then ``sys.pat
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import time
@@ -49,6 +50,11 @@ def settle_memory(write_bytes: int) -> None:
 
 
 def reset_peak_rss() -> None:
+    """Start a phase's peak RSS from now. Under TCMalloc (as the jaxckpt command runs, jaxckpt/malloc.py)
+    freed memory stays resident until released, so it is released first, as the trainer does after start-up."""
+    release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)  # TCMalloc's, if loaded
+    if release is not None:  # jaxckpt.malloc.release_free_memory, without importing jaxckpt (torch_ckpt.py)
+        release()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
