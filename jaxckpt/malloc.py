@@ -2,9 +2,9 @@
 
 On CPU, XLA allocates each step's temporaries in one block and frees it when the step ends (485 MB
 for ``configs/small.py``). glibc serves a block that large from a fresh ``mmap`` every time, so every
-step faults in and zeroes its temporaries again: 130,000 page faults a step, a quarter of the step's
-time on a 2-core VM (benchmarks/README.md §2, "Eighteenth session"). TCMalloc keeps the freed block for
-the next step. Cloud TPU VM images preload it for the same reason.
+step faults in and zeroes its temporaries again: 130,000 page faults a step. Under TCMalloc, which keeps
+the freed block for the next step, the step took 0.75-0.80x as long on a 2-core VM (benchmarks/README.md
+§2, "Eighteenth session"). Cloud TPU VM images preload it too.
 
 ``LD_PRELOAD`` only takes effect when a process starts, so :func:`reexec` starts the ``jaxckpt train``
 or ``launch`` command again, once, before anything is imported: the same PID, arguments and environment
@@ -109,5 +109,5 @@ def describe() -> str:
         return f"host allocator: glibc malloc ({ENV}=system)"
     if os.environ.get(TRIED):
         return f"host allocator: glibc malloc; TCMalloc did not load from LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}"
-    return (f"host allocator: glibc malloc; CPU steps run ~25% faster under TCMalloc ({INSTALL}; "
+    return (f"host allocator: glibc malloc; CPU steps take ~0.8x as long under TCMalloc ({INSTALL}; "
             "the jaxckpt command then uses it)")
