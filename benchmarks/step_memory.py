@@ -139,9 +139,10 @@ def _median(calls: list[dict[str, float]]) -> dict[str, float]:
 
 
 def glibc_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
-    """``env`` without glibc tunables or a TCMalloc preload (this script may itself run under one)."""
+    """``env`` without glibc tunables, a TCMalloc preload (this script may itself run under one) or a
+    ``JAXCKPT_MALLOC`` choice (which would keep the ``tcmalloc`` setting from preloading it)."""
     preload = " ".join(p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if "libtcmalloc" not in p)
-    out = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", malloc.TRIED)
+    out = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", malloc.TRIED, malloc.ENV)
            and not k.startswith("TCMALLOC_")}
     return out | ({"LD_PRELOAD": preload} if preload else {})
 
