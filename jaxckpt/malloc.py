@@ -101,6 +101,50 @@ def release_free_memory() -> bool:
     return True
 
 
+def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's estimate of memory available without swapping (``MemAvailable``), None if unknown."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reserve(nbytes: int, blocks: int = 2) -> bool:
+    """Under TCMalloc, have ``blocks`` blocks of ``nbytes`` resident at once, then free them; False elsewhere,
+    or where that would take more than half the memory available.
+
+    XLA frees a CPU step's temporaries after its outputs are ready, and now and then the next step allocates
+    its own before that: two blocks at once. TCMalloc then grows its heap by a block of fresh memory, in
+    the middle of a run, and the step that gets it faults it all in (126,000 faults and ~1.5x T0 for
+    ``configs/small.py``, benchmarks/README.md §2, "Nineteenth session"). With a release rate of 0 the heap
+    keeps what it grew, so this takes that growth once, before the first timed step, instead."""
+    if nbytes <= 0 or blocks <= 0 or in_use() != "tcmalloc":
+        return False
+    available = available_bytes()
+    if available is not None and nbytes * blocks > available // 2:
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    held = []
+    try:
+        for _ in range(blocks):
+            ptr = libc.malloc(nbytes)
+            if not ptr:
+                return False
+            held.append(ptr)
+            ctypes.memset(ptr, 0, nbytes)  # back every page now
+    finally:
+        for ptr in held:
+            libc.free(ptr)
+    return True
+
+
 def describe() -> str:
     """One start-up line: which allocator this process runs on, and how to get TCMalloc without it."""
     if in_use() == "tcmalloc":

@@ -193,12 +193,26 @@ def first_step(step_fn: Any, state: PyTree, batch: jax.Array) -> tuple[PyTree, d
     save's snapshot holds zero-copy views of the state (jaxckpt.d2h), so that step cannot donate it and
     XLA allocates a second state. Holding views here makes that first allocation now, in a step that
     compiles anyway, instead of in the first step beside the first save; the allocator then keeps the
-    memory. Same values either way."""
-    views = ([np.asarray(shard.data) for x in jax.tree.leaves(state) for shard in x.addressable_shards]
-             if jax.default_backend() == "cpu" else [])
+    memory. Same values either way. Then, on CPU, :func:`jaxckpt.malloc.reserve` makes room for two steps'
+    temporaries at once."""
+    on_cpu = jax.default_backend() == "cpu"
+    views = [np.asarray(shard.data) for x in jax.tree.leaves(state) for shard in x.addressable_shards] if on_cpu else []
     out = jax.block_until_ready(step_fn(state, batch))
     del views
+    if on_cpu and malloc.reserve(temps := temp_bytes(step_fn, out[0], batch)):
+        log(f"host allocator: room kept for two steps' temporaries at once (2 x {temps / 1e6:,.0f} MB)")
     return out
+
+
+def temp_bytes(step_fn: Any, state: PyTree, batch: jax.Array) -> int:
+    """The bytes of temporaries one call of the compiled step allocates (XLA's memory analysis; 0 if unknown).
+    A jitted ``step_fn`` that has run for these shapes is taken from JAX's cache, not compiled again."""
+    try:
+        compiled = step_fn if hasattr(step_fn, "memory_analysis") else step_fn.lower(state, batch).compile()
+        stats = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+        return 0
+    return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start,

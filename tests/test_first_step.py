@@ -1,5 +1,6 @@
 """trainer.first_step: on the CPU backend the process's first step runs without donating the state, as a
-step beside a save does, and computes the same bits as a donating step."""
+step beside a save does, and computes the same bits as a donating step; then it has the allocator make room
+for two calls' temporaries at once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxckpt.trainer import first_step
+from jaxckpt import malloc
+from jaxckpt.trainer import first_step, temp_bytes
 
 
 def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
@@ -34,3 +36,15 @@ def test_the_first_step_keeps_its_input_and_computes_the_donating_steps_bits() -
     assert not kept["w"].is_deleted() and not kept["n"].is_deleted()
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference), strict=True):
         assert a.sharding == b.sharding and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_the_first_step_reserves_two_calls_worth_of_the_steps_temporaries(monkeypatch) -> None:
+    asked = []
+    monkeypatch.setattr(malloc, "reserve", lambda nbytes, blocks=2: asked.append((nbytes, blocks)) or True)
+    fn = jax.jit(lambda s, x: ({"w": jnp.tanh(s["w"] @ s["w"].T) @ s["w"] * x, "n": s["n"]}, {}), donate_argnums=0)
+    state, x = sharded_state(), jnp.float32(0.5)
+    out, _ = first_step(fn, state, x)
+    temps = fn.lower(out, x).compile().memory_analysis().temp_size_in_bytes
+    assert temps > 0 and asked == [(temps, 2)]
+    assert temp_bytes(fn.lower(out, x).compile(), out, x) == temps  # an AOT-compiled step (jaxckpt.aot)
+    assert temp_bytes(lambda s, x: s, out, x) == 0  # nothing to ask: nothing reserved

@@ -84,3 +84,38 @@ def test_tcmalloc_keeps_freed_memory_until_told_to_release_it() -> None:
     glibc = subprocess.run([sys.executable, "-c", RELEASE], env=os.environ | {"LD_PRELOAD": ""},
                            capture_output=True, text=True, check=True).stdout.split()
     assert glibc[0] == "system" and glibc[2] == "False"
+
+
+RESERVE = """
+import ctypes, resource, sys
+from jaxckpt import malloc
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n = 200 << 20
+reserved = malloc.reserve(n) if sys.argv[1] == "reserve" else None
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+two = [libc.malloc(n) for _ in range(2)]  # two at once, as when XLA frees a step's temporaries late
+for p in two:
+    ctypes.memset(p, 1, n)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(malloc.in_use(), reserved, faults, malloc.reserve(1 << 50))
+"""
+
+
+def run_reserve(env: dict[str, str], how: str) -> list[str]:
+    return subprocess.run([sys.executable, "-c", RESERVE, how], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+def test_a_reserve_backs_two_blocks_at_once_so_they_no_longer_fault() -> None:
+    env = malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
+    allocator, reserved, faults, too_big = run_reserve(env, "reserve")
+    assert (allocator, reserved, too_big) == ("tcmalloc", "True", "False")
+    assert int(faults) < 5_000, faults  # 400 MB in 4 KB pages would be 102,400 faults
+    allocator, reserved, faults, _ = run_reserve(env, "none")
+    assert int(faults) > 50_000, faults  # without it the same two blocks are fresh memory
+    glibc = run_reserve(os.environ | {"LD_PRELOAD": ""}, "reserve")
+    assert glibc[:2] == ["system", "False"] and glibc[3] == "False"
