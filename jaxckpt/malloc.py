@@ -54,8 +54,31 @@ def choice(env: Mapping[str, str]) -> str:
     return value
 
 
+def malloc_library() -> str | None:
+    """The file of the shared object whose ``malloc`` this process's code calls (``dladdr``), None if unknown.
+    A TCMalloc that was only loaded (``dlopen``) is mapped, but does not serve malloc: this tells them apart."""
+    import ctypes
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                    ("saddr", ctypes.c_void_p)]
+
+    try:
+        scope = ctypes.CDLL(None)
+        info = DlInfo()
+        if scope.dladdr(ctypes.cast(scope.malloc, ctypes.c_void_p), ctypes.byref(info)) and info.fname:
+            return info.fname.decode(errors="replace")
+    except (OSError, AttributeError):  # no dladdr (not glibc)
+        pass
+    return None
+
+
 def in_use(maps: Path = Path("/proc/self/maps")) -> str:
-    """"tcmalloc" if a TCMalloc library is mapped into this process, else "system"."""
+    """"tcmalloc" if TCMalloc serves this process's malloc, else "system". Where ``dladdr`` cannot say, it
+    goes by whether a TCMalloc library is mapped at all (``maps``)."""
+    lib = malloc_library()
+    if lib is not None:
+        return "tcmalloc" if "libtcmalloc" in Path(lib).name else "system"
     try:
         return "tcmalloc" if "libtcmalloc" in maps.read_text() else "system"
     except OSError:

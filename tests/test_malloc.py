@@ -51,13 +51,35 @@ def test_finds_the_first_library_in_the_first_directory_that_has_one(tmp_path: P
     assert malloc.find_tcmalloc([a]) is None
 
 
-def test_in_use_reads_the_process_memory_map(tmp_path: Path) -> None:
+def test_in_use_reads_the_process_memory_map_where_dladdr_cannot_say(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(malloc, "malloc_library", lambda: None)
     maps = tmp_path / "maps"
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
     assert malloc.in_use(maps) == "system"
     maps.write_text(maps.read_text() + f"7f02-7f03 r-xp 0 08:01 2 {LIB}\n")
     assert malloc.in_use(maps) == "tcmalloc"
     assert malloc.in_use(tmp_path / "absent") == "system"
+
+
+LOADED = """
+import ctypes, sys
+from jaxckpt import malloc
+if sys.argv[1:]:
+    ctypes.CDLL(sys.argv[1])  # loaded, as some library might, but malloc stays glibc's
+print(malloc.in_use(), malloc.malloc_library())
+"""
+
+
+@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+def test_in_use_asks_which_library_serves_malloc_not_which_is_loaded() -> None:
+    lib = str(malloc.find_tcmalloc())
+    glibc = os.environ | {"LD_PRELOAD": ""}
+    loaded = subprocess.run([sys.executable, "-c", LOADED, lib], env=glibc, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert loaded[0] == "system" and "libc" in loaded[1], loaded
+    preloaded = subprocess.run([sys.executable, "-c", LOADED], env=glibc | {"LD_PRELOAD": lib},
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert preloaded == ["tcmalloc", lib], preloaded
 
 
 RELEASE = """
