@@ -11,14 +11,18 @@ or ``launch`` command again, once, before anything is imported: the same PID, ar
 plus ``LD_PRELOAD`` and ``TCMALLOC_RELEASE_RATE=0`` (keep freed memory for the next step rather than hand
 it back to the OS and fault it in again; set it yourself to change that). ``JAXCKPT_MALLOC=system`` keeps
 glibc's malloc. Python callers of ``jaxckpt.trainer.train`` get whatever their interpreter started with.
+
+Just before its first step the trainer hands back what start-up freed, except room for two steps' temporaries
+at once and the step's outputs (:func:`release_free_memory`), so that the heap does not grow in the middle of a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 ENV = "JAXCKPT_MALLOC"
@@ -26,6 +30,7 @@ CHOICES = ("tcmalloc", "system")
 TRIED = "JAXCKPT_MALLOC_TRIED"  # set in the re-executed process: never try twice
 LIBS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")  # Debian/Ubuntu: libtcmalloc-minimal4, libgoogle-perftools4
 INSTALL = "apt install libtcmalloc-minimal4"
+MADV_POPULATE_WRITE = 23
 
 
 def lib_dirs() -> list[Path]:
@@ -108,11 +113,17 @@ def reexec() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
-def release_free_memory() -> bool:
-    """Under TCMalloc, hand its free memory back to the OS; False elsewhere. With a release rate of 0 it
-    would otherwise keep every block start-up freed (state init, a restore's buffers: 3.9x a 1 GB state in
-    benchmarks/checkpoint.py's processes) for good; the trainer calls this once before its first step, so
-    the process keeps only what the steps reuse."""
+def release_free_memory(keep: Sequence[int] = ()) -> bool:
+    """Under TCMalloc, hand its free memory back to the OS, except room for blocks of the sizes in ``keep``,
+    which stays backed and free for what comes next; False elsewhere (nothing done).
+
+    With a release rate of 0 TCMalloc would otherwise keep every block start-up freed (state init, a restore's
+    buffers: 3.9x a 1 GB state in benchmarks/checkpoint.py's processes) for good. The trainer calls this
+    once, just before its first step, keeping its step's temporaries twice over and its outputs: XLA frees a
+    CPU step's temporaries after its outputs are ready, and now and then the next step allocates its own
+    before that. Without room for two, TCMalloc then grows its heap in the middle of a run, and the step that
+    gets the new block faults it all in (126,000 faults, ~1.5x T0 for ``configs/small.py``: benchmarks/README.md
+    §2, "Nineteenth session")."""
     if in_use() != "tcmalloc":
         return False
     import ctypes
@@ -120,7 +131,8 @@ def release_free_memory() -> bool:
     release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
     if release is None:
         return False
-    release()
+    with _backed([n for n in keep if n > 0]):
+        release()
     return True
 
 
@@ -135,37 +147,36 @@ def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def reserve(nbytes: int, blocks: int = 2) -> bool:
-    """Under TCMalloc, have ``blocks`` blocks of ``nbytes`` resident at once, then free them; False elsewhere,
-    or where that would take more than half the memory available.
-
-    XLA frees a CPU step's temporaries after its outputs are ready, and now and then the next step allocates
-    its own before that: two blocks at once. TCMalloc then grows its heap by a block of fresh memory, in
-    the middle of a run, and the step that gets it faults it all in (126,000 faults and ~1.5x T0 for
-    ``configs/small.py``, benchmarks/README.md §2, "Nineteenth session"). With a release rate of 0 the heap
-    keeps what it grew, so this takes that growth once, before the first timed step, instead."""
-    if nbytes <= 0 or blocks <= 0 or in_use() != "tcmalloc":
-        return False
+@contextlib.contextmanager
+def _backed(sizes: list[int]) -> Iterator[None]:
+    """Blocks of ``sizes`` allocated and backed (every page present) while inside, freed on leaving; none
+    where they would take more than half the memory available."""
     available = available_bytes()
-    if available is not None and nbytes * blocks > available // 2:
-        return False
+    if not sizes or (available is not None and sum(sizes) > available // 2):
+        yield
+        return
     import ctypes
 
-    libc = ctypes.CDLL(None)
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    libc.madvise.restype, libc.madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     held = []
     try:
-        for _ in range(blocks):
-            ptr = libc.malloc(nbytes)
+        for n in sizes:
+            ptr = libc.malloc(n)
             if not ptr:
-                return False
+                break
             held.append(ptr)
-            ctypes.memset(ptr, 0, nbytes)  # back every page now
+            page = 4096
+            first = (ptr + page - 1) // page * page
+            # MADV_POPULATE_WRITE (Linux 5.14): 0.13 s for 2 x 508 MB where touching every page took 0.30 s
+            if libc.madvise(first, (ptr + n - first) // page * page, MADV_POPULATE_WRITE) != 0:
+                ctypes.memset(ptr, 0, n)
+        yield
     finally:
         for ptr in held:
             libc.free(ptr)
-    return True
 
 
 def describe() -> str:

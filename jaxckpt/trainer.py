@@ -161,7 +161,6 @@ def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult
         with Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=events.emit) as ckpt:
             t0 = time.perf_counter()
             start = resume_lib.start_state(run, ckpt)
-            malloc.release_free_memory()  # init's or the restore's temporaries, which the steps do not reuse
             events.emit("restore" if start.resumed_from is not None else "init", step=start.step,
                         seconds=time.perf_counter() - t0)
             log(summary(run, param_count(start.state["params"]), start.step))
@@ -189,30 +188,33 @@ def step_program(cfg: Config) -> dict[str, Any]:
 
 
 def first_step(step_fn: Any, state: PyTree, batch: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]:
-    """The process's first step, waited for. On the CPU backend it runs as a step beside a save does: a
-    save's snapshot holds zero-copy views of the state (jaxckpt.d2h), so that step cannot donate it and
-    XLA allocates a second state. Holding views here makes that first allocation now, in a step that
-    compiles anyway, instead of in the first step beside the first save; the allocator then keeps the
-    memory. Same values either way. Then, on CPU, :func:`jaxckpt.malloc.reserve` makes room for two steps'
-    temporaries at once."""
+    """The process's first step, waited for. Just before it, the host allocator hands back what start-up freed
+    (init's or a restore's buffers), keeping on CPU room for the step's temporaries twice over and its outputs
+    (:func:`jaxckpt.malloc.release_free_memory`). On the CPU backend the step runs as a step beside a save
+    does: a save's snapshot holds zero-copy views of the state (jaxckpt.d2h), so that step cannot donate it
+    and XLA allocates a second state. Holding views here makes that first allocation now, in a step that
+    compiles anyway, instead of in the first step beside the first save. Same values either way."""
     on_cpu = jax.default_backend() == "cpu"
+    keep = step_blocks(step_fn, state, batch) if on_cpu else ()
+    if malloc.release_free_memory(keep) and keep:
+        log(f"host allocator: start-up's free memory handed back; kept {' + '.join(f'{n / 1e6:,.0f}' for n in keep)} "
+            "MB for the steps (temporaries of two at once, outputs)")
     views = [np.asarray(shard.data) for x in jax.tree.leaves(state) for shard in x.addressable_shards] if on_cpu else []
     out = jax.block_until_ready(step_fn(state, batch))
     del views
-    if on_cpu and malloc.reserve(temps := temp_bytes(step_fn, out[0], batch)):
-        log(f"host allocator: room kept for two steps' temporaries at once (2 x {temps / 1e6:,.0f} MB)")
     return out
 
 
-def temp_bytes(step_fn: Any, state: PyTree, batch: jax.Array) -> int:
-    """The bytes of temporaries one call of the compiled step allocates (XLA's memory analysis; 0 if unknown).
-    A jitted ``step_fn`` that has run for these shapes is taken from JAX's cache, not compiled again."""
+def step_blocks(step_fn: Any, state: PyTree, batch: jax.Array) -> tuple[int, ...]:
+    """(temporaries, temporaries, outputs) in bytes of one call of the compiled step, from XLA's memory analysis;
+    () if unknown. A jitted ``step_fn`` is compiled here, and its first call then takes it from JAX's cache."""
     try:
         compiled = step_fn if hasattr(step_fn, "memory_analysis") else step_fn.lower(state, batch).compile()
         stats = compiled.memory_analysis()
-    except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
-        return 0
-    return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
+        temps, outputs = int(stats.temp_size_in_bytes), int(stats.output_size_in_bytes)
+    except (AttributeError, TypeError, NotImplementedError, jax.errors.JaxRuntimeError):
+        return ()
+    return (temps, temps, outputs)
 
 
 def save(run: Run, ckpt: Checkpointer, step: int, state: PyTree, start: resume_lib.Start,

@@ -1,6 +1,6 @@
 """trainer.first_step: on the CPU backend the process's first step runs without donating the state, as a
-step beside a save does, and computes the same bits as a donating step; then it has the allocator make room
-for two calls' temporaries at once."""
+step beside a save does, and computes the same bits as a donating step; before it, the allocator keeps room for
+two calls' temporaries at once and the outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxckpt import malloc
-from jaxckpt.trainer import first_step, temp_bytes
+from jaxckpt.trainer import first_step, step_blocks
 
 
 def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
@@ -38,13 +38,14 @@ def test_the_first_step_keeps_its_input_and_computes_the_donating_steps_bits() -
         assert a.sharding == b.sharding and np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-def test_the_first_step_reserves_two_calls_worth_of_the_steps_temporaries(monkeypatch) -> None:
-    asked = []
-    monkeypatch.setattr(malloc, "reserve", lambda nbytes, blocks=2: asked.append((nbytes, blocks)) or True)
+def test_the_first_step_keeps_room_for_two_calls_temporaries_and_the_outputs(monkeypatch) -> None:
+    kept = []
+    monkeypatch.setattr(malloc, "release_free_memory", lambda keep=(): kept.append(tuple(keep)) or True)
     fn = jax.jit(lambda s, x: ({"w": jnp.tanh(s["w"] @ s["w"].T) @ s["w"] * x, "n": s["n"]}, {}), donate_argnums=0)
     state, x = sharded_state(), jnp.float32(0.5)
-    out, _ = first_step(fn, state, x)
-    temps = fn.lower(out, x).compile().memory_analysis().temp_size_in_bytes
-    assert temps > 0 and asked == [(temps, 2)]
-    assert temp_bytes(fn.lower(out, x).compile(), out, x) == temps  # an AOT-compiled step (jaxckpt.aot)
-    assert temp_bytes(lambda s, x: s, out, x) == 0  # nothing to ask: nothing reserved
+    stats = fn.lower(state, x).compile().memory_analysis()
+    first_step(fn, state, x)
+    temps, outputs = stats.temp_size_in_bytes, stats.output_size_in_bytes
+    assert temps > 0 and outputs > 0 and kept == [(temps, temps, outputs)]
+    assert step_blocks(fn.lower(state, x).compile(), state, x) == kept[0]  # an AOT-compiled step (jaxckpt.aot)
+    assert step_blocks(lambda s, x: s, state, x) == ()  # nothing to ask: nothing kept
