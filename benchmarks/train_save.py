@@ -61,6 +61,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -268,6 +269,7 @@ class Watcher(threading.Thread):
 class Step:
     wall: float
     cpu: float
+    faults: int = 0  # minor page faults in the process during the step (memory touched for the first time)
 
 
 @dataclass
@@ -298,7 +300,6 @@ class Bench:
         self.cfg, self.events = cfg, []
         self.run = Run.build(cfg, workdir)
         self.state = create_state(self.run.mdef, self.run.tx, self.run.mesh, cfg.train.seed)
-        malloc.release_free_memory()  # as trainer.train does before its first step
         self.n_params = param_count(self.state["params"])
         self.state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.state))
         self.it = self.run.data.train_iterator(0)
@@ -315,7 +316,7 @@ class Bench:
 
     def one_step(self, first: bool = False) -> Step:
         """One step, waited for; ``first``: as the trainer runs its first (``trainer.first_step``)."""
-        w, c = time.perf_counter(), time.process_time()
+        w, c, f = time.perf_counter(), time.process_time(), minor_faults()
         batch = self.run.data.to_global(next(self.it))
         if first:
             self.state, self.metrics = trainer_lib.first_step(self.run.step_fn, self.state, batch)
@@ -324,7 +325,7 @@ class Bench:
         jax.block_until_ready((self.state, self.metrics))
         self.step += 1
         self.ckpt.poll()
-        return Step(time.perf_counter() - w, time.process_time() - c)
+        return Step(time.perf_counter() - w, time.process_time() - c, minor_faults() - f)
 
     def normal(self, n: int) -> Normal:
         self.watcher.begin_window()
@@ -392,6 +393,10 @@ def measure(bench: Bench, args: argparse.Namespace, every: int) -> Measured:
     for i, s in enumerate(saves):
         s.local_t0 = statistics.median(x.wall for n in normals[i:i + 2] for x in n.steps)
     return Measured(compile_s, alone, normals, saves)
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def say(msg: str) -> None:
@@ -499,6 +504,17 @@ def position_line(m: Measured, t0: float) -> str:
             f"normal steps max ÷ T0: {normal:.2f}×")
 
 
+def faults_line(m: Measured, t0: float) -> str:
+    """Minor page faults per step: memory touched for the first time (fresh temporaries, a heap that grew).
+    126,000 of them made a step 0.18-0.67 s longer on the VMs of benchmarks/README.md (§2, nineteenth session)."""
+    kinds = {"normal": [x for n in m.normals for x in n.steps], "overlapped": [x for s in m.saves for x in s.steps]}
+    cells = [f"{k} median {statistics.median(x.faults for x in v):,.0f}, max {max(x.faults for x in v):,}"
+             for k, v in kinds.items() if v]
+    worst = max((x for v in kinds.values() for x in v), key=lambda x: x.faults, default=None)
+    tail = f" (that step: {worst.wall / t0:.2f}× T0)" if worst is not None else ""
+    return f"minor page faults per step: {'; '.join(cells)}{tail}"
+
+
 def goodput_lines(sm: dict[str, Any]) -> list[str]:
     n, t0 = sm["every"], sm["t0"]
     return [
@@ -573,7 +589,7 @@ def report(cfg: Config, args: argparse.Namespace, bench: Bench, m: Measured, arg
         f"| {mark(sm['goodput'] >= GOODPUT_TARGET)} |",
         f"| save CPU per save (blocking + overlapped excess + wait) | {sm['save_cpu']:.2f} s "
         f"(alone: {save_cpu(m.alone, sm['c0']):.2f} s) | - | |", "",
-        position_line(m, sm["t0"]), "",
+        position_line(m, sm["t0"]), faults_line(m, sm["t0"]), "",
         *goodput_lines(sm),
     ]
     if args.thread_cpu:
