@@ -61,6 +61,22 @@ def test_in_use_reads_the_process_memory_map_where_dladdr_cannot_say(tmp_path: P
     assert malloc.in_use(tmp_path / "absent") == "system"
 
 
+NEEDS_TCMALLOC = pytest.mark.skipif(malloc.find_tcmalloc() is None,
+                                    reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+GLIBC = {"LD_PRELOAD": ""}  # added to os.environ: no preload
+
+
+def tcmalloc_env() -> dict[str, str]:
+    """This environment with TCMalloc preloaded, as the jaxckpt command restarts itself."""
+    return malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
+
+
+def run_script(script: str, env: dict[str, str], *args: str) -> list[str]:
+    """The words ``python -c script args`` prints, run in ``env``."""
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 LOADED = """
 import ctypes, sys
 from jaxckpt import malloc
@@ -70,15 +86,12 @@ print(malloc.in_use(), malloc.malloc_library())
 """
 
 
-@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+@NEEDS_TCMALLOC
 def test_in_use_asks_which_library_serves_malloc_not_which_is_loaded() -> None:
     lib = str(malloc.find_tcmalloc())
-    glibc = os.environ | {"LD_PRELOAD": ""}
-    loaded = subprocess.run([sys.executable, "-c", LOADED, lib], env=glibc, capture_output=True, text=True,
-                            check=True).stdout.split()
+    loaded = run_script(LOADED, os.environ | GLIBC, lib)
     assert loaded[0] == "system" and "libc" in loaded[1], loaded
-    preloaded = subprocess.run([sys.executable, "-c", LOADED], env=glibc | {"LD_PRELOAD": lib},
-                               capture_output=True, text=True, check=True).stdout.split()
+    preloaded = run_script(LOADED, os.environ | {"LD_PRELOAD": lib})
     assert preloaded == ["tcmalloc", lib], preloaded
 
 
@@ -96,15 +109,13 @@ print(malloc.in_use(), kept, malloc.release_free_memory(), rss_mb())
 """
 
 
-@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+@NEEDS_TCMALLOC
 def test_tcmalloc_keeps_freed_memory_until_told_to_release_it() -> None:
-    env = malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
-    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, check=True)
-    allocator, kept, released, after = out.stdout.split()
+    out = run_script(RELEASE, tcmalloc_env())
+    allocator, kept, released, after = out
     assert (allocator, released) == ("tcmalloc", "True")
-    assert int(kept) - int(after) > 350, out.stdout  # the 400 MB array's pages went back to the OS only now
-    glibc = subprocess.run([sys.executable, "-c", RELEASE], env=os.environ | {"LD_PRELOAD": ""},
-                           capture_output=True, text=True, check=True).stdout.split()
+    assert int(kept) - int(after) > 350, out  # the 400 MB array's pages went back to the OS only now
+    glibc = run_script(RELEASE, os.environ | GLIBC)
     assert glibc[0] == "system" and glibc[2] == "False"
 
 
@@ -127,18 +138,13 @@ print(malloc.in_use(), released, resource.getrusage(resource.RUSAGE_SELF).ru_min
 """
 
 
-def run_keep(env: dict[str, str], how: str) -> list[str]:
-    return subprocess.run([sys.executable, "-c", KEEP, how], env=env, capture_output=True, text=True,
-                          check=True).stdout.split()
-
-
-@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+@NEEDS_TCMALLOC
 def test_a_release_keeps_room_for_the_blocks_asked_for_backed_so_they_no_longer_fault() -> None:
-    env = malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
-    allocator, released, faults = run_keep(env, "keep")
+    env = tcmalloc_env()
+    allocator, released, faults = run_script(KEEP, env, "keep")
     assert (allocator, released) == ("tcmalloc", "True")
     assert int(faults) < 5_000, faults  # 400 MB in 4 KB pages would be 102,400 faults
     for how in ("none", "little-memory"):  # without the room kept, the same two blocks are fresh memory
-        assert int(run_keep(env, how)[2]) > 50_000, how
-    glibc = run_keep(os.environ | {"LD_PRELOAD": ""}, "keep")
+        assert int(run_script(KEEP, env, how)[2]) > 50_000, how
+    glibc = run_script(KEEP, os.environ | GLIBC, "keep")
     assert glibc[:2] == ["system", "False"]
