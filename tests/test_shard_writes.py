@@ -116,6 +116,24 @@ def test_an_array_with_no_shard_to_write_here_is_still_created(tmp_path: Path) -
     assert _opened(spec).shape == x.shape
 
 
+def test_the_creating_process_opens_each_array_once_the_others_assume_its_metadata(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = arrays()[0]
+    rslices = d2h.transfer([x], 0)[0]
+    opens: list[dict[str, Any]] = []
+    real_open = ts.open
+    monkeypatch.setattr(ts, "open", lambda spec, **kw: opens.append(kw) or real_open(spec, **kw))
+    for primary_host, where in ((0, "primary"), (1, "other")):  # this test runs as process 0
+        spec = _spec(x, tmp_path / where, rslices.local_shape)
+        asyncio.run(shard_writes.write_at_once(rslices, spec, context=None, primary_host=primary_host,
+                                               transaction=None, byte_limiter=Recording()))
+    assert [(kw.get("create", False), kw.get("assume_metadata", False)) for kw in opens] == [(True, False),
+                                                                                            (False, True)]
+    monkeypatch.undo()
+    assert _opened(_spec(x, tmp_path / "primary", ())).read().result().tobytes() == np.asarray(x).tobytes()
+    assert not (tmp_path / "other" / "zarr.json").exists()  # the primary host's to write, not this one's
+
+
 def test_a_jaxckpt_save_reserves_each_arrays_bytes_once_and_reads_back_bit_for_bit(tmp_path: Path) -> None:
     """Through make_manager, with the limiter a paced save hands Orbax (jaxckpt.pacing)."""
     tree = named_arrays()
