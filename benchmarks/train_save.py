@@ -504,6 +504,18 @@ def position_line(m: Measured, t0: float) -> str:
             f"normal steps max ÷ T0: {normal:.2f}×")
 
 
+def local_line(m: Measured) -> str:
+    """Overlapped steps against their own save's local T0: the machine's speed drifts over a run (normal steps
+    ranged 0.93-1.61 s in one run of benchmarks/README.md §2, twentieth session), and a slow stretch puts a whole
+    save window over the run's median."""
+    ratios = [x.wall / s.local_t0 for s in m.saves for x in s.steps if s.local_t0]
+    if not ratios:
+        return "overlapped steps ÷ local T0: -"
+    return (f"overlapped steps ÷ their save's local T0 (median of the normal windows before and after): "
+            f"mean {statistics.fmean(ratios):.2f}×, max {max(ratios):.2f}× ({sum(r > SLOWDOWN_TARGET for r in ratios)} "
+            f"of {len(ratios)} over {SLOWDOWN_TARGET}×)")
+
+
 def faults_line(m: Measured, t0: float) -> str:
     """Minor page faults per step: memory touched for the first time (fresh temporaries, a heap that grew).
     126,000 of them made a step 0.18-0.67 s longer on the VMs of benchmarks/README.md (§2, nineteenth session)."""
@@ -589,7 +601,7 @@ def report(cfg: Config, args: argparse.Namespace, bench: Bench, m: Measured, arg
         f"| {mark(sm['goodput'] >= GOODPUT_TARGET)} |",
         f"| save CPU per save (blocking + overlapped excess + wait) | {sm['save_cpu']:.2f} s "
         f"(alone: {save_cpu(m.alone, sm['c0']):.2f} s) | - | |", "",
-        position_line(m, sm["t0"]), faults_line(m, sm["t0"]), "",
+        position_line(m, sm["t0"]), local_line(m), faults_line(m, sm["t0"]), "",
         *goodput_lines(sm),
     ]
     if args.thread_cpu:
