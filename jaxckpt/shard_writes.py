@@ -69,8 +69,8 @@ async def write_at_once(rslices_on_host: Any, tensorstore_spec: dict[str, Any], 
         raise ValueError("replica slices have not been transferred to the host")
     with gcpause.paused():
         spec = ts.Spec(tensorstore_spec)
-        # (index, host copy) of each shard, as Orbax's to_fragments() has them, without its Fragment objects and
-        # stacking checks: 0.017 CPU-s per save of 1,423 shards (8 fake devices, 1 GB) -> 0.0004 s
+        # each shard's index (jax's own slices: TensorStore takes them as they are) and host copy, without the
+        # Fragment objects and stacking check of Orbax's to_fragments(): 1,423 shards 0.017 CPU-s -> 0.0004 s
         shards = [(s.index, s.data()) for s in rslices_on_host.replica_slices]
         if not shards:  # no shard of it to write here: the primary host still creates it
             await _open(spec, context, primary_host, transaction)

@@ -123,14 +123,14 @@ def test_the_creating_process_opens_each_array_once_the_others_assume_its_metada
     opens: list[dict[str, Any]] = []
     real_open = ts.open
     monkeypatch.setattr(ts, "open", lambda spec, **kw: opens.append(kw) or real_open(spec, **kw))
+    specs = {where: _spec(x, tmp_path / where, rslices.local_shape) for where in ("primary", "other")}
     for primary_host, where in ((0, "primary"), (1, "other")):  # this test runs as process 0
-        spec = _spec(x, tmp_path / where, rslices.local_shape)
-        asyncio.run(shard_writes.write_at_once(rslices, spec, context=None, primary_host=primary_host,
+        asyncio.run(shard_writes.write_at_once(rslices, specs[where], context=None, primary_host=primary_host,
                                                transaction=None, byte_limiter=Recording()))
     assert [(kw.get("create", False), kw.get("assume_metadata", False)) for kw in opens] == [(True, False),
                                                                                             (False, True)]
     monkeypatch.undo()
-    assert _opened(_spec(x, tmp_path / "primary", ())).read().result().tobytes() == np.asarray(x).tobytes()
+    assert _opened(specs["primary"]).read().result().tobytes() == np.asarray(x).tobytes()
     assert not (tmp_path / "other" / "zarr.json").exists()  # the primary host's to write, not this one's
 
 
