@@ -13,6 +13,7 @@ differs from the target) raises :class:`Unsupported`, and the caller falls back 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -211,8 +212,18 @@ class ArrayReader:
 
     def first_extent(self, box: Slices) -> tuple[str, int]:
         """Where reading ``box`` starts on disk (to read files front to back)."""
-        extent = self.index.get(self._key(next(iter(self._coords(box)))))
+        corner = tuple(s.start // c for s, c in zip(box, self.arr.chunk_shape, strict=True))
+        extent = self.index.get(self._key(corner))
         return (str(extent.path), extent.offset) if extent is not None and extent.path else ("", 0)
+
+    def _whole_chunk(self, box: Slices) -> tuple[int, ...] | None:
+        """The grid coordinate of the chunk ``box`` is, if it is exactly one (a shard of the saving mesh)."""
+        coord = []
+        for s, c in zip(box, self.arr.chunk_shape, strict=True):
+            if s.start % c or s.stop - s.start != c:
+                return None
+            coord.append(s.start // c)
+        return tuple(coord)
 
     def _where(self, extent: Extent, tail: bytes) -> tuple[int, int] | None:
         """(start, length) of the raw chunk inside its value, from the shard index; None if never written."""
@@ -242,19 +253,26 @@ class ArrayReader:
             _preadv_full(fd, [_bytes_of(out)], extent.offset + where[0])
         return where is not None
 
+    def _fill_chunk(self, coord: tuple[int, ...], out: np.ndarray) -> None:
+        """``out`` (one whole chunk, contiguous) filled with chunk ``coord``, or the fill value if never written."""
+        extent = self.index.get(self._key(coord))
+        if extent is None or not self._read_chunk(extent, out):
+            out[...] = np.asarray(self.arr.fill_value or 0).astype(self.arr.dtype)
+
     def read(self, box: Slices, out: np.ndarray) -> None:
         """Fill ``out`` (the shape of ``box``) with that box of the stored array."""
-        arr = self.arr
+        arr, coord = self.arr, self._whole_chunk(box)
+        if coord is not None and out.flags.c_contiguous:  # the usual case: skip the overlap arithmetic below
+            self._fill_chunk(coord, out)
+            return
         for coord in self._coords(box):
             lo = [c * k for c, k in zip(coord, arr.chunk_shape, strict=True)]
             part = tuple(slice(max(s.start, a), min(s.stop, a + k)) for s, a, k in zip(box, lo, arr.chunk_shape,
                                                                                        strict=True))
             dst = out[(*(slice(p.start - s.start, p.stop - s.start) for p, s in zip(part, box, strict=True)), ...)]
-            extent = self.index.get(self._key(coord))
             whole = dst if dst.shape == arr.chunk_shape and dst.flags.c_contiguous else aligned_empty(
                 arr.chunk_shape, arr.dtype)  # the target shard cuts this chunk (another mesh): keep the overlap
-            if extent is None or not self._read_chunk(extent, whole):
-                whole[...] = np.asarray(arr.fill_value or 0).astype(arr.dtype)
+            self._fill_chunk(coord, whole)
             if whole is not dst:
                 dst[...] = whole[(*(slice(p.start - a, p.stop - a) for p, a in zip(part, lo, strict=True)), ...)]
 
@@ -280,9 +298,15 @@ def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Slices:
 
 def _boxes(target: Any) -> dict[Slices, list[jax.Device]]:
     """This process's devices of ``target.sharding``, grouped by the box of the array each one holds."""
+    return _boxes_of(target.sharding, tuple(target.shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _boxes_of(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict[Slices, list[jax.Device]]:
+    """:func:`_boxes`, once per sharding and shape: a model's layers repeat a few (callers must not mutate it)."""
     boxes: dict[Slices, list[jax.Device]] = {}
-    for device, index in target.sharding.addressable_devices_indices_map(tuple(target.shape)).items():
-        boxes.setdefault(_box(index, tuple(target.shape)), []).append(device)
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        boxes.setdefault(_box(index, shape), []).append(device)
     return boxes
 
 
@@ -290,48 +314,27 @@ def _box_shape(box: Slices) -> tuple[int, ...]:
     return tuple(s.stop - s.start for s in box)
 
 
-def _arena_bytes(jobs: list[tuple[ArrayReader, Slices]], copies: list[int]) -> int:
-    """Bytes of every shard this process will hold: one buffer per device, 64-byte aligned."""
-    return sum(_padded(math.prod(_box_shape(box)) * r.arr.dtype.itemsize) * n
-               for (r, box), n in zip(jobs, copies, strict=True))
+def _arena_bytes(jobs: list[tuple[ArrayReader, Slices]]) -> int:
+    """Bytes of every box this process will hold (one buffer per box, shared by its devices), 64-byte aligned."""
+    return sum(_padded(math.prod(_box_shape(box)) * r.arr.dtype.itemsize) for r, box in jobs)
 
 
-def _per_device(host: np.ndarray, devices: list[jax.Device], arena: Arena) -> list[np.ndarray]:
-    """One buffer per device holding ``host``: a donating step may write into any of them."""
-    copies = [host]
-    for _ in devices[1:]:
-        copies.append(arena.take(host.shape, host.dtype))
-        np.copyto(copies[-1], host)
-    return copies
+def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]], hosts: list[np.ndarray]) -> list:
+    """Every leaf as a jax.Array in its target sharding, made from the host boxes without a copy: one
+    ``jax.make_array_from_callback`` (one batched transfer call) per leaf.
 
-
-def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]], hosts: list[np.ndarray],
-                arena: Arena) -> list:
-    """Every leaf as a jax.Array in its target sharding, made from the host shards without a copy.
-
-    A leaf whose boxes each sit on one device takes one ``jax.make_array_from_callback`` (one transfer call
-    per leaf). The leaves with replicated boxes need a buffer per device; theirs go in one batched
-    ``jax.device_put``. 8 fake devices, 1 GB: 0.05-0.09 s, against 0.09-0.16 s for a ``device_put`` of
-    every shard, jax's per-array Python path (``benchmarks/checkpoint.py --devices 8 --phases 6``).
+    The CPU client aliases each aligned box, and the devices that hold the same box (replicas) share its
+    buffer, as ``jax.device_put`` of a numpy array does. That is safe because XLA never donates a buffer that
+    aliases host memory: a donating step writes its output elsewhere (``tests/test_fastread.py`` checks it).
+    8 fake devices, 1 GB: 0.02-0.04 s, against 0.035-0.05 s when each replica got its own copy through a
+    batched ``jax.device_put``, and 0.09-0.16 s for a ``device_put`` of every shard.
     """
     it = iter(hosts)
-    leaves: list = []
-    bufs, devices, replicated = [], [], []  # replicated: (leaf position, target, its device count)
+    leaves = []
     for target, leaf_boxes in zip(targets, boxes, strict=True):
         shape, by_box = tuple(target.shape), {box: next(it) for box in leaf_boxes}
-        if all(len(devs) == 1 for devs in leaf_boxes.values()):
-            leaves.append(jax.make_array_from_callback(shape, target.sharding,
-                                                       lambda index, b=by_box, n=shape: b[_box(index, n)]))
-            continue
-        replicated.append((len(leaves), target, sum(len(devs) for devs in leaf_boxes.values())))
-        leaves.append(None)
-        for box, devs in leaf_boxes.items():
-            bufs += _per_device(by_box[box], devs, arena)
-            devices += devs
-    shards = iter(jax.device_put(bufs, devices) if bufs else [])
-    for i, target, n in replicated:
-        leaves[i] = jax.make_array_from_single_device_arrays(tuple(target.shape), target.sharding,
-                                                             list(itertools.islice(shards, n)))
+        leaves.append(jax.make_array_from_callback(shape, target.sharding,
+                                                   lambda index, b=by_box, n=shape: b[_box(index, n)]))
     return leaves
 
 
@@ -400,10 +403,10 @@ def restore(item_dir: Path, abstract: PyTree, threads: int | None = None) -> PyT
         readers = [ArrayReader(n, a, index, fds) for n, a in zip(names, stored, strict=True)]
         boxes = [_boxes(t) for t in targets]
         jobs = [(r, box) for r, b in zip(readers, boxes, strict=True) for box in b]
-        arena = Arena(_arena_bytes(jobs, [len(devs) for b in boxes for devs in b.values()]))
+        arena = Arena(_arena_bytes(jobs))
         hosts = _read_all(jobs, arena, threads or min(8, os.cpu_count() or 1))
     finally:
         for fd in fds.values():
             os.close(fd)
-    leaves = _to_devices(targets, boxes, hosts, arena)
+    leaves = _to_devices(targets, boxes, hosts)
     return jax.tree.unflatten(treedef, leaves)

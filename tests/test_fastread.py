@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +147,45 @@ def test_arena_hands_out_aligned_disjoint_arrays() -> None:
         arena.take((1 << 20,), np.dtype(np.float32))  # 4 MiB: more than the 2 MiB alignment slack
 
 
+def buffer_starts(tree: PyTree) -> list[int]:
+    return [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) for s in x.addressable_shards]
+
+
 def test_restored_shards_alias_one_host_allocation(tmp_path: Path) -> None:
     """Every shard's device buffer lies inside one allocation: the CPU client aliased the reader's buffers
-    (no second copy) and the reader made one allocation for them all, not one per shard."""
+    (no second copy), the reader made one allocation for them all, not one per box, and the devices that hold
+    the same box (replicas) share its one buffer, as ``jax.device_put`` of a numpy array does."""
+    state = sample_state()
+    target = abstract(state)
+    restored = fastread.restore(save(tmp_path, state), target)
+    box_at: dict[int, tuple[int, tuple[slice, ...]]] = {}  # buffer start -> (leaf, box)
+    ends = []
+    for leaf, x in enumerate(jax.tree.leaves(restored)):
+        for shard in x.addressable_shards:
+            box = (leaf, fastread._box(shard.index, x.shape))
+            assert box_at.setdefault(shard.data.unsafe_buffer_pointer(), box) == box  # a buffer holds one box
+            ends.append(shard.data.unsafe_buffer_pointer() + shard.data.nbytes)
+    boxes = [fastread._boxes(t) for t in jax.tree.leaves(target)]
+    assert len(box_at) == sum(len(b) for b in boxes) < len(ends)  # one buffer per box; the replicas share it
+    padded = sum(-(-math.prod(fastread._box_shape(box)) * t.dtype.itemsize // 64) * 64
+                 for b, t in zip(boxes, jax.tree.leaves(target), strict=True) for box in b)
+    assert max(ends) - min(box_at) <= padded
+
+
+def test_a_donating_step_never_writes_into_the_restored_host_buffers(tmp_path: Path) -> None:
+    """Replicas share a host buffer, which is only safe while XLA declines to donate buffers that alias host
+    memory and writes a donating step's output elsewhere. The same step on device-made copies of the arrays
+    does write in place (the check can fail); if a jax release starts doing that to host buffers, this fails."""
     state = sample_state()
     restored = fastread.restore(save(tmp_path, state), abstract(state))
-    shards = [s.data for x in jax.tree.leaves(restored) for s in x.addressable_shards]
-    starts = [s.unsafe_buffer_pointer() for s in shards]
-    ends = [p + s.nbytes for p, s in zip(starts, shards, strict=True)]
-    padded = sum(-(-s.nbytes // 64) * 64 for s in shards)
-    assert len(set(starts)) == len(shards)  # one buffer per device, even for replicated leaves
-    assert max(ends) - min(starts) <= padded
+    step = jax.jit(lambda s: jax.tree.map(lambda x: 2 * x + 1, s), donate_argnums=0)
+    copies = jax.tree.map(jnp.copy, restored)
+    copied_starts = set(buffer_starts(copies))
+    assert copied_starts & set(buffer_starts(step(copies)))  # device memory: written in place
+    host_starts = set(buffer_starts(restored))
+    out = step(restored)
+    assert not host_starts & set(buffer_starts(out))
+    assert_bitwise(jax.tree.map(lambda x: 2 * x + 1, state), out, abstract(state))
 
 
 def test_runs_cover_every_job_once_in_disk_order() -> None:
