@@ -296,18 +296,16 @@ def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Slices:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
 
 
-def _boxes(target: Any) -> dict[Slices, list[jax.Device]]:
-    """This process's devices of ``target.sharding``, grouped by the box of the array each one holds."""
+def _boxes(target: Any) -> tuple[Slices, ...]:
+    """The boxes of the array that this process's devices hold, each once (replicas hold the same box)."""
     return _boxes_of(target.sharding, tuple(target.shape))
 
 
 @functools.lru_cache(maxsize=1024)
-def _boxes_of(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict[Slices, list[jax.Device]]:
-    """:func:`_boxes`, once per sharding and shape: a model's layers repeat a few (callers must not mutate it)."""
-    boxes: dict[Slices, list[jax.Device]] = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        boxes.setdefault(_box(index, shape), []).append(device)
-    return boxes
+def _boxes_of(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[Slices, ...]:
+    """:func:`_boxes`, once per sharding and shape: a model's layers repeat a few."""
+    indices = sharding.addressable_devices_indices_map(shape).values()
+    return tuple(dict.fromkeys(_box(index, shape) for index in indices))
 
 
 def _box_shape(box: Slices) -> tuple[int, ...]:
@@ -319,7 +317,7 @@ def _arena_bytes(jobs: list[tuple[ArrayReader, Slices]]) -> int:
     return sum(_padded(math.prod(_box_shape(box)) * r.arr.dtype.itemsize) for r, box in jobs)
 
 
-def _to_devices(targets: list[Any], boxes: list[dict[Slices, list[jax.Device]]], hosts: list[np.ndarray]) -> list:
+def _to_devices(targets: list[Any], boxes: list[tuple[Slices, ...]], hosts: list[np.ndarray]) -> list:
     """Every leaf as a jax.Array in its target sharding, made from the host boxes without a copy: one
     ``jax.make_array_from_callback`` (one batched transfer call) per leaf.
 
