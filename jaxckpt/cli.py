@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxckpt import gcpause  # gc and threading only: ready before the imports it pauses
+
 EPILOG = "Overrides: section.key=value, e.g. train.steps=200 mesh.fsdp=2 model.dtype=bfloat16"
 
 
@@ -181,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``jaxckpt`` script: ``train`` and ``launch`` start again under TCMalloc first (jaxckpt.malloc)."""
+    """The ``jaxckpt`` script: ``train`` and ``launch`` start again under TCMalloc first (jaxckpt.malloc);
+    ``train`` pauses cyclic collection through start-up (jaxckpt.gcpause)."""
+    if sys.argv[1:2] == ["train"]:
+        gcpause.begin_start_up()  # before the imports: the trainer ends it after its first step
     if sys.argv[1:2] in (["train"], ["launch"]):
         from jaxckpt import malloc
         from jaxckpt.errors import ConfigError

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxckpt import aot, malloc
+from jaxckpt import aot, gcpause, malloc
 from jaxckpt import resume as resume_lib
 from jaxckpt.checkpoint import Checkpointer
 from jaxckpt.config import Config
@@ -143,9 +143,17 @@ def enable_compilation_cache(setting: str) -> Path | None:
 def train(cfg: Config, workdir: Path, stop_at: int | None = None) -> TrainResult:
     """Train to ``cfg.train.steps`` (or save and stop at ``stop_at``), resuming if possible.
 
-    Raises ``Preempted`` after saving when SIGTERM/SIGINT arrives.
+    Raises ``Preempted`` after saving when SIGTERM/SIGINT arrives. Cyclic garbage collection is paused from
+    here until the first step has run, and what start-up left alive is then frozen (jaxckpt.gcpause).
     """
-    workdir = Path(workdir).absolute()
+    gcpause.begin_start_up()  # until the first step has run (or start-up fails)
+    try:
+        return _train(cfg, Path(workdir).absolute(), stop_at)
+    finally:
+        gcpause.end_start_up(freeze_alive=False)
+
+
+def _train(cfg: Config, workdir: Path, stop_at: int | None) -> TrainResult:
     workdir.mkdir(parents=True, exist_ok=True)
     cache = enable_compilation_cache(cfg.train.compilation_cache)
     executables = cache / "executables" if cache is not None else None
@@ -246,6 +254,7 @@ def loop(run: Run, ckpt: Checkpointer, writer: MetricsWriter, start: resume_lib.
                                    run.prefetch)
             state, metrics = first_step(step_fn, state, batch)
             events.emit("first_step", step=step + 1, seconds=time.perf_counter() - t_first)
+            gcpause.end_start_up()
         else:
             state, metrics = step_fn(state, batch)
         step += 1

@@ -381,6 +381,50 @@ def test_freeze_exempts_what_is_alive_from_collection_until_thaw(manual_gc: None
         gc.unfreeze()
 
 
+def test_the_start_up_pause_is_one_pause_and_ends_with_what_it_left_alive_frozen() -> None:
+    """``jaxckpt train`` begins it before its imports and ``trainer.train`` again at its entry: one pause, which
+    one end lifts. What start-up left alive is then exempt from collection until a thaw."""
+    gc.enable()
+    before = gc.get_freeze_count()
+    try:
+        gcpause.begin_start_up()
+        gcpause.begin_start_up()
+        assert not gc.isenabled()
+        garbage = cycle()
+        gcpause.end_start_up()
+        assert gc.isenabled() and gc.get_freeze_count() > before
+        gc.collect()
+        assert garbage() is not None, "start-up's objects were not frozen"
+        gcpause.end_start_up()  # the trainer's own end, after the first step's: nothing left to do
+        assert gc.isenabled()
+        gcpause.thaw()
+        gc.collect()
+        assert garbage() is None
+    finally:
+        gcpause.thaw()
+        gc.enable()
+
+
+def test_the_start_up_pause_keeps_the_callers_settings_and_other_pauses() -> None:
+    """A start-up that fails ends without freezing; a caller's own gc.disable() outlives the pause, and a
+    save's pause that began during start-up keeps collection off until it ends."""
+    gc.disable()
+    before = gc.get_freeze_count()
+    try:
+        gcpause.begin_start_up()
+        gcpause.end_start_up(freeze_alive=False)
+        assert not gc.isenabled() and gc.get_freeze_count() == before
+        gc.enable()
+        gcpause.begin_start_up()
+        with gc_paused():
+            gcpause.end_start_up(freeze_alive=False)
+            assert not gc.isenabled(), "the save's pause is still on"
+        assert gc.isenabled() and gc.get_freeze_count() == before
+    finally:
+        gcpause.end_start_up(freeze_alive=False)
+        gc.enable()
+
+
 def test_a_save_keeps_the_freeze_until_it_completes_or_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              manual_gc: None) -> None:
     cfg = CheckpointConfig(async_save=True, on_save_error="continue")

@@ -13,6 +13,7 @@ device counts, Grain worker processes and real exit codes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -30,10 +31,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxckpt import cli
+from jaxckpt import resume as resume_lib
 from jaxckpt.checkpoint import load_params
 from jaxckpt.config import Config, ConfigError, load_config
+from jaxckpt.errors import ResumeError
 from jaxckpt.mesh import make_mesh
-from jaxckpt.metrics import read_metrics
+from jaxckpt.metrics import MetricsWriter, read_metrics
 from jaxckpt.optim import make_optimizer
 from jaxckpt.resume import config_changes
 from jaxckpt.state import ModelDef, abstract_state, init_params
@@ -262,6 +265,41 @@ def test_restart_takes_the_stored_train_step(reference: Path, dataset: Path, tmp
     ref = losses(reference)
     assert {s: v for s, v in losses(workdir).items() if s > 6} == {s: ref[s] for s in range(7, N + 1)}
     assert_states_equal(load_state(workdir, N), load_state(reference, N))
+
+
+def test_train_pauses_cyclic_collection_until_its_first_step_has_run(dataset: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building and restoring run with collection off (jaxckpt.gcpause.begin_start_up); the steps after the
+    first run with it on and start-up's objects frozen; train() leaves the process as it found it, also when
+    start-up fails."""
+    seen: dict[str, object] = {}
+    real_start, real_write = resume_lib.start_state, MetricsWriter.write
+
+    def start_state(*args: object) -> object:
+        seen["restore"] = gc.isenabled()
+        return real_start(*args)
+
+    def write(self: MetricsWriter, step: int, scalars: dict) -> None:
+        seen.setdefault("steps", []).append((step, gc.isenabled(), gc.get_freeze_count()))
+        real_write(self, step, scalars)
+
+    monkeypatch.setattr(resume_lib, "start_state", start_state)
+    monkeypatch.setattr(MetricsWriter, "write", write)
+    gc.enable()
+    before = gc.get_freeze_count()
+    train(make_cfg(dataset, "train.steps=3", "checkpoint.every_steps=0"), tmp_path / "run")
+    assert seen["restore"] is False
+    assert [s[:2] for s in seen["steps"]] == [(1, True), (2, True), (3, True)]
+    assert all(frozen > before for _, _, frozen in seen["steps"])
+    assert gc.isenabled() and gc.get_freeze_count() == before  # the final save's thaw
+
+    def fails(*args: object) -> object:
+        raise ResumeError("no")
+
+    monkeypatch.setattr(resume_lib, "start_state", fails)
+    with pytest.raises(ResumeError):
+        train(make_cfg(dataset), tmp_path / "failed")
+    assert gc.isenabled() and gc.get_freeze_count() == before
 
 
 def test_dropout_is_active(dataset: Path) -> None:
