@@ -25,9 +25,9 @@ what was there at import.
 A process's start-up is paused too (:func:`begin_start_up` ... :func:`end_start_up`): ``jaxckpt train`` from
 its first line, ``jaxckpt.trainer.train`` from its entry, until the first step has run. Importing jax, flax,
 Orbax and Grain and building the run allocate ~300,000 objects that live as long as the process; collecting
-as they grow walked them over and over, 0.3 s of a 4 s warm restart of the small config on 2 cores
-(benchmarks/README.md §3, twenty-third session), and found ~4,000 unreachable objects. At the end they are
-frozen (:func:`freeze`) rather than walked, until the first save's thaw.
+as they grow walked them over and over: 0.3 s of a 4.4-4.8 s warm restart of the small config on 2 cores, and
+as much of a cold one (benchmarks/README.md §3, twenty-third session), to find ~4,000 unreachable objects. At
+the end they are frozen (:func:`freeze`) rather than walked, until the first save's thaw.
 """
 
 from __future__ import annotations
