@@ -133,9 +133,9 @@ finally:
 
 
 def test_train_runs_its_start_up_without_cyclic_collections(trained: Trained) -> None:
-    """From the first import to the end of the first step, ``jaxckpt train`` makes no cyclic collection
-    (jaxckpt.gcpause.begin_start_up): on 2 cores those took 0.3 s of a 4 s warm restart. Collection is back on
-    for the steps after it, where the final save sets some off."""
+    """From ``cli.run``'s call (before the heavy imports) to the end of the first step, ``jaxckpt train`` makes no
+    cyclic collection (jaxckpt.gcpause.begin_start_up): on 2 cores those took 0.3 s of a 4.4-4.8 s warm restart.
+    Collection is back on for the steps after it, where the final save sets some off."""
     p = subprocess.run([sys.executable, "-c", GC_PROBE, "train", "--workdir", "run_gc", *TRAIN_ARGS],
                        cwd=trained.root, env=cli_env(trained.root), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
