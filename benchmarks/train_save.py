@@ -21,7 +21,15 @@ A *step* is timed as one iteration of the trainer's loop: ``next(iterator)`` + `
 on its own, in wall seconds and process-CPU seconds (all threads). After compiling, ``--warmup`` steps and
 one save waited on with no training beside it (a process's first save pays one-off costs; reported
 apart as "save alone"), windows alternate: ``--normal-steps`` steps with no save pending, a save window,
-... ending with a normal window, so load drift on a shared machine hits both kinds alike.
+a normal window, a *plain-write window* (the control, below; ``--no-plain`` skips it), ... ending with a normal
+window, so load drift on a shared machine hits every kind alike.
+
+The control: a plain-write window holds zero-copy views of the state, as a save's snapshot does, and writes
+their bytes on a thread into one file at the save's pace (``checkpoint.write_mb_s``'s windows) and nice value
+(``checkpoint.save_nice``), then ``fdatasync``; no serialization, checksums or metadata. Its steps (timed the
+same way, until the write is durable) show what writing the state at all costs the steps beside it on this
+machine, the floor for any checkpointer; the report sets them, and how many steps of each kind cross the
+target, beside the save's.
 
 A *save window*: ``trainer.save`` (its wall time, meta included, is the *blocking* time), then steps until the
 Checkpointer reports the save complete through its ``on_event("checkpoint")`` callback (Orbax commit,
@@ -73,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 try:  # run as a file (benchmarks/ is sys.path[0]), or imported as benchmarks.<name> from the repo root
     import benchlib
@@ -109,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-priority", choices=("default", "nice", "idle", "idle-ts"), default="default",
                    help="experiment: run save threads at nice 19 or SCHED_IDLE, or only TensorStore's at "
                         "SCHED_IDLE (idle-ts); jaxckpt itself uses checkpoint.save_nice")
+    p.add_argument("--no-plain", action="store_true",
+                   help="skip the control windows beside a plain write of the same bytes (plain_write)")
     p.add_argument("--direct", action="store_true", help="also compare trainer.train() with saves vs without")
     p.add_argument("--direct-steps", type=int, help="steps per train() run (default: N + 2*log_every)")
     p.add_argument("--direct-rounds", type=int, default=1, help="(off, on) pairs, ABBA order")
@@ -293,6 +304,28 @@ class Normal:
     threads: dict[str, float] = field(default_factory=dict)
 
 
+def plain_write(arrays: list[Any], path: Path, pacer: Any, nice: int) -> None:
+    """The control for a save beside training: the same bytes into one file at the save's pace (``pacer``'s
+    rate and period; None: at once) and nice value, then ``fdatasync``. No serialization, checksums, metadata
+    or Python beyond the loop: what writing the state at all costs the steps beside it on this machine."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    burst = int(pacer.burst) if pacer else 1 << 62
+    opens, used = time.monotonic() + (pacer.period if pacer else 0.0), 0  # the first window opens as a save's
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for a in arrays:
+            buf, off = a.reshape(-1).view("uint8"), 0
+            while off < buf.size:
+                if used >= burst:
+                    opens, used = opens + pacer.period, 0
+                time.sleep(max(0.0, opens - time.monotonic()))
+                n = os.write(fd, buf[off:off + min(burst - used, 4 << 20)])
+                off, used = off + n, used + n
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 class Bench:
     """The trainer's step, data and Checkpointer, driven one timed step at a time."""
 
@@ -357,6 +390,24 @@ class Bench:
         win.threads = self.watcher.end_window()
         return win
 
+    def plain_window(self, max_steps: int) -> Normal:
+        """Steps beside :func:`plain_write` of the state, which holds zero-copy views of it as a save's snapshot
+        does (so these steps cannot donate it either), until the write is durable or ``max_steps``."""
+        views = [np.ascontiguousarray(s.data) for x in jax.tree_util.tree_leaves(self.state)
+                 for s in x.addressable_shards]
+        path = self.ckpt.directory.parent / "plain.bin"
+        writer = threading.Thread(target=plain_write, daemon=True, args=(
+            views, path, self.ckpt.pacer_for(paced=True), self.cfg.checkpoint.save_nice))
+        del views
+        self.watcher.begin_window()
+        writer.start()
+        steps = []
+        while writer.is_alive() and len(steps) < max_steps:
+            steps.append(self.one_step())
+        writer.join()
+        path.unlink(missing_ok=True)
+        return Normal(steps, self.watcher.end_window())
+
     def ckpt_pending(self) -> bool:
         return getattr(self.ckpt, "_pending", True) is not None
 
@@ -373,6 +424,7 @@ class Measured:
     alone: SaveWindow
     normals: list[Normal]
     saves: list[SaveWindow]
+    plains: list[Normal] = field(default_factory=list)  # steps beside plain_write (the control)
 
 
 def measure(bench: Bench, args: argparse.Namespace, every: int) -> Measured:
@@ -382,17 +434,26 @@ def measure(bench: Bench, args: argparse.Namespace, every: int) -> Measured:
         bench.one_step()
     alone = bench.save_window(0, train_beside=False)
     say(f"compiled in {compile_s:.1f}s; save alone: blocking {alone.blocking:.3f}s, durable {alone.durable:.2f}s")
-    normals, saves = [bench.normal(args.normal_steps)], []
+    normals, saves, plains, before = [bench.normal(args.normal_steps)], [], [], []
     for r in range(args.reps):
+        before.append(len(normals) - 1)
         saves.append(bench.save_window(every))
         normals.append(bench.normal(args.normal_steps))
         s = saves[-1]
         say(f"save {r + 1}/{args.reps}: blocking {s.blocking:.3f}s, {len(s.steps)} steps overlapped "
-            f"({', '.join(f'{x.wall:.2f}' for x in s.steps)} s), durable {s.durable:.2f}s; normal steps "
-            f"{', '.join(f'{x.wall:.2f}' for x in normals[-1].steps)} s")
-    for i, s in enumerate(saves):
+            f"({steps_text(s.steps)} s), durable {s.durable:.2f}s; normal steps {steps_text(normals[-1].steps)} s")
+        if not args.no_plain:
+            plains.append(bench.plain_window(every))
+            normals.append(bench.normal(args.normal_steps))
+            say(f"plain write {r + 1}/{args.reps}: steps beside it {steps_text(plains[-1].steps)} s; "
+                f"normal steps {steps_text(normals[-1].steps)} s")
+    for i, s in zip(before, saves, strict=True):
         s.local_t0 = statistics.median(x.wall for n in normals[i:i + 2] for x in n.steps)
-    return Measured(compile_s, alone, normals, saves)
+    return Measured(compile_s, alone, normals, saves, plains)
+
+
+def steps_text(steps: list[Step]) -> str:
+    return ", ".join(f"{x.wall:.2f}" for x in steps)
 
 
 def minor_faults() -> int:
@@ -416,6 +477,7 @@ def save_cpu(s: SaveWindow, c0: float) -> float:
 def summarize(m: Measured, every: int) -> dict[str, Any]:
     normal = [x for n in m.normals for x in n.steps]
     over = [x for s in m.saves for x in s.steps]
+    plain = [x for p in m.plains for x in p.steps]
     t0 = statistics.median(x.wall for x in normal)
     c0 = statistics.median(x.cpu for x in normal)
     extras = [save_extra(s, t0) for s in m.saves]
@@ -425,6 +487,12 @@ def summarize(m: Measured, every: int) -> dict[str, Any]:
         "normal_min": min(x.wall for x in normal), "normal_max": max(x.wall for x in normal),
         "mean_ratio": statistics.fmean(x.wall for x in over) / t0 if over else float("nan"),
         "max_ratio": max(x.wall for x in over) / t0 if over else float("nan"),
+        # the max's control: how often steps cross the target with and without a save beside them
+        "over_slow": sum(x.wall > SLOWDOWN_TARGET * t0 for x in over),
+        "normal_slow": sum(x.wall > SLOWDOWN_TARGET * t0 for x in normal),
+        "n_plain": len(plain), "plain_slow": sum(x.wall > SLOWDOWN_TARGET * t0 for x in plain),
+        "plain_mean_ratio": statistics.fmean(x.wall for x in plain) / t0 if plain else float("nan"),
+        "plain_max_ratio": max(x.wall for x in plain) / t0 if plain else float("nan"),
         "extra": extra, "extras": extras,
         "blocking": statistics.fmean(s.blocking for s in m.saves),
         "overlap_extra": statistics.fmean(sum(x.wall - t0 for x in s.steps) for s in m.saves),
@@ -441,6 +509,24 @@ def summarize(m: Measured, every: int) -> dict[str, Any]:
 
 def mark(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def share(k: int, n: int) -> str:
+    return f"{k} of {n} ({k / n:.0%})" if n else "-"
+
+
+def control_rows(sm: dict[str, Any]) -> list[str]:
+    """What the machine does to steps without jaxckpt's save: the same bytes written plainly, and no write."""
+    rows = []
+    if sm["n_plain"]:
+        rows.append(f"| control: steps beside a plain write of the same bytes at the same pace and nice "
+                    f"({sm['n_plain']} steps), mean / max ÷ T0 | {sm['plain_mean_ratio']:.2f}× / "
+                    f"{sm['plain_max_ratio']:.2f}× | - | |")
+    plain = f" / {share(sm['plain_slow'], sm['n_plain'])}" if sm["n_plain"] else ""
+    rows.append(f"| control: steps over {SLOWDOWN_TARGET}× T0, beside a save{' / plain write' if plain else ''} / "
+                f"none (normal) | {share(sm['over_slow'], sm['n_over'])}{plain} / "
+                f"{share(sm['normal_slow'], sm['n_normal'])} (normal max {sm['normal_max'] / sm['t0']:.2f}×) | - | |")
+    return rows
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -597,6 +683,7 @@ def report(cfg: Config, args: argparse.Namespace, bench: Bench, m: Measured, arg
         f"| mean overlapped step ÷ T0 ({sm['n_over']} steps) | {sm['mean_ratio']:.2f}× | ≤ {SLOWDOWN_TARGET}× "
         f"| {mark(mean_ok)} |",
         f"| max overlapped step ÷ T0 | {sm['max_ratio']:.2f}× | ≤ {SLOWDOWN_TARGET}× | {mark(max_ok)} |",
+        *control_rows(sm),
         f"| goodput, save every {args.every} steps (from pieces) | {sm['goodput']:.2%} | ≥ {GOODPUT_TARGET:.0%} "
         f"| {mark(sm['goodput'] >= GOODPUT_TARGET)} |",
         f"| save CPU per save (blocking + overlapped excess + wait) | {sm['save_cpu']:.2f} s "

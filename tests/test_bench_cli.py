@@ -154,3 +154,56 @@ def test_checkpoint_saves_times_the_later_saves_of_one_process(tmp_path: Path) -
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(row["later_blocking_s"]) == 2 and all(0 < t < 60 for t in row["later_blocking_s"])
     assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_train_save_control_writes_every_byte_of_the_state_in_paced_windows(tmp_path: Path) -> None:
+    """The plain write beside training (train_save's control) writes the state's bytes in order, of every dtype
+    and shape, in windows of at most the pacer's burst, from a thread it lowers to the save's nice value."""
+    import threading
+    import types
+
+    import ml_dtypes
+    import numpy as np
+
+    ts = load_bench("train_save")
+    arrays = [np.arange(1000, dtype=np.float32).reshape(10, 100), np.array(7, dtype=np.int32),
+              np.linspace(0, 1, 333).astype(ml_dtypes.bfloat16)]
+    pacer = types.SimpleNamespace(burst=1000.0, period=0.001)
+    writes: list[int] = []
+    real_write = ts.os.write
+
+    def counted(fd: int, data) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    path, nice = tmp_path / "plain.bin", []
+    ts.os.write = counted
+    try:
+        t = threading.Thread(target=lambda: (ts.plain_write(arrays, path, pacer, 19),
+                                             nice.append(ts.os.getpriority(ts.os.PRIO_PROCESS,
+                                                                           threading.get_native_id()))))
+        t.start()
+        t.join()
+    finally:
+        ts.os.write = real_write
+    assert path.read_bytes() == b"".join(a.tobytes() for a in arrays)
+    assert max(writes) <= 1000 and sum(writes) == 4000 + 4 + 666
+    assert len(writes) >= 5  # 4,670 bytes cannot fit fewer 1,000-byte windows
+    assert nice == [19]
+
+
+def test_train_save_counts_steps_over_the_target_beside_a_save_a_plain_write_and_none() -> None:
+    ts = load_bench("train_save")
+
+    def steps(*walls: float) -> list:
+        return [ts.Step(w, 2 * w) for w in walls]
+
+    normals = [ts.Normal(steps(1.0, 1.0, 1.3)), ts.Normal(steps(1.0, 0.9))]
+    save = ts.SaveWindow(5, 0.01, 0.01, steps(1.25, 1.1, 1.21), 3.0, 2.5, 2.9)
+    m = ts.Measured(1.0, save, normals, [save], [ts.Normal(steps(1.1, 1.3))])
+    sm = ts.summarize(m, every=100)
+    assert (sm["over_slow"], sm["n_over"], sm["plain_slow"], sm["n_plain"], sm["normal_slow"]) == (2, 3, 1, 2, 1)
+    rows = ts.control_rows(sm)
+    assert "1.20× / 1.30×" in rows[0]
+    assert "| 2 of 3 (67%) / 1 of 2 (50%) / 1 of 5 (20%) (normal max 1.30×)" in rows[1]
+    assert len(ts.control_rows({**sm, "n_plain": 0})) == 1  # --no-plain: no plain-write row
