@@ -22,7 +22,6 @@ snapshot's copies of those same array objects.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,9 +32,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 from orbax.checkpoint._src.serialization import replica_slices as rs
 
-from jaxckpt import orbax_patch, pacing, shard_writes, substores
+from jaxckpt import orbax_patch, pacing, shard_writes, sharding_file, substores
 
-_LEAN: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_d2h", default=False)
+_LEAN = orbax_patch.LEAN_SAVE
 # Orbax's transfer_arrays_to_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
 EXPECTED_PARAMS = ("arrays", "replica_id", "use_replica_parallel", "min_slice_bytes_for_replica_parallel",
                    "max_replicas_for_replica_parallel", "enable_pinned_host_transfer")
@@ -180,14 +179,16 @@ def install() -> bool:
 
 
 class LeanArrayHandler(ocp.type_handlers.ArrayHandler):
-    """Orbax's ``ArrayHandler`` whose saves hand shards to the host with :func:`transfer` (see module doc) and
-    write each array's shards together (:mod:`jaxckpt.shard_writes`)."""
+    """Orbax's ``ArrayHandler`` whose saves hand shards to the host with :func:`transfer` (see module doc),
+    write each array's shards together (:mod:`jaxckpt.shard_writes`) and the sharding file in one write
+    (:mod:`jaxckpt.sharding_file`)."""
 
     def __init__(self, *args: Any, store_bytes: int = substores.STORE_BYTES, **kwargs: Any):
         """``store_bytes``: what one OCDBT store of a save takes before the next begins (jaxckpt.substores)."""
         super().__init__(*args, **kwargs)
         install()
         self._writes_at_once = shard_writes.install()
+        sharding_file.install()
         self._store_bytes = store_bytes if substores.install() else None
 
     def _local_bytes(self, arr: jax.Array) -> int:

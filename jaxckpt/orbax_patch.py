@@ -1,12 +1,13 @@
 """Wrapping one of Orbax's internal functions, once per process, only where it is the one jaxckpt knows.
 
-jaxckpt replaces three steps of Orbax's save with leaner ones (:mod:`jaxckpt.d2h`,
-:mod:`jaxckpt.shard_writes`, :mod:`jaxckpt.substores`). Each wraps an Orbax function that is not public
+jaxckpt replaces four steps of Orbax's save with leaner ones (:mod:`jaxckpt.d2h`,
+:mod:`jaxckpt.shard_writes`, :mod:`jaxckpt.sharding_file`, :mod:`jaxckpt.substores`). Each wraps an Orbax function that is not public
 API; an Orbax whose function differs keeps its own, with a warning, and saves stay correct, only slower.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 from collections.abc import Callable
@@ -15,6 +16,9 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 ORIGINAL = "jaxckpt_orbax"  # the attribute of a wrapper that holds Orbax's own function
+# True while jaxckpt's handler (jaxckpt.d2h.LeanArrayHandler) serializes: wrappers that have no other mark of
+# its saves take their lean path only then.
+LEAN_SAVE: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxckpt_lean_save", default=False)
 
 
 def wrap_once(owner: Any, name: str, why_not: Callable[[Callable[..., Any]], str | None],
