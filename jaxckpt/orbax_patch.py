@@ -1,8 +1,8 @@
 """Wrapping one of Orbax's internal functions, once per process, only where it is the one jaxckpt knows.
 
-jaxckpt replaces four steps of Orbax's save with leaner ones (:mod:`jaxckpt.d2h`,
-:mod:`jaxckpt.shard_writes`, :mod:`jaxckpt.sharding_file`, :mod:`jaxckpt.substores`). Each wraps an Orbax function that is not public
-API; an Orbax whose function differs keeps its own, with a warning, and saves stay correct, only slower.
+jaxckpt replaces four steps of Orbax's save with leaner ones (:mod:`jaxckpt.d2h`, :mod:`jaxckpt.shard_writes`,
+:mod:`jaxckpt.sharding_file`, :mod:`jaxckpt.substores`). Each wraps an Orbax function that is not public API; an
+Orbax whose function differs keeps its own, with a warning, and saves stay correct, only slower.
 """
 
 from __future__ import annotations
