@@ -1,6 +1,6 @@
 """Training while an async checkpoint save is in flight: per-step slowdown, and goodput with a save every N steps.
 
-    python benchmarks/train_save.py                      # configs/small.py as is, 4 saves: ~1.5 min on 2 quiet cores
+    python benchmarks/train_save.py                      # configs/small.py, 4 saves + 4 plain writes: ~2 min, 2 cores
     python benchmarks/train_save.py --reps 2 --normal-steps 3 model.n_layers=2 data.batch_size=8   # quick
     python benchmarks/train_save.py model.d_model=768 model.n_layers=8 model.d_ff=3072 data.batch_size=2 \
         model.seq_len=64                                 # 76M params, 0.91 GB state: a save longer than a step
