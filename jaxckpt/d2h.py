@@ -34,7 +34,6 @@ from orbax.checkpoint._src.serialization import replica_slices as rs
 
 from jaxckpt import orbax_patch, pacing, shard_writes, sharding_file, substores
 
-_LEAN = orbax_patch.LEAN_SAVE
 # Orbax's transfer_arrays_to_host parameters (orbax-checkpoint 0.12); anything else keeps Orbax's function.
 EXPECTED_PARAMS = ("arrays", "replica_id", "use_replica_parallel", "min_slice_bytes_for_replica_parallel",
                    "max_replicas_for_replica_parallel", "enable_pinned_host_transfer")
@@ -151,7 +150,7 @@ def _dispatching(orbax_fn: Callable[..., Any]) -> Callable[..., Any]:
                                 min_slice_bytes_for_replica_parallel: int | None = None,
                                 max_replicas_for_replica_parallel: int | None = None, *,
                                 enable_pinned_host_transfer: bool = False) -> Sequence[rs.ReplicaSlices]:
-        if _LEAN.get() and not use_replica_parallel:
+        if orbax_patch.LEAN_SAVE.get() and not use_replica_parallel:
             return transfer(arrays, replica_id, enable_pinned_host_transfer)
         return orbax_fn(arrays, replica_id, use_replica_parallel, min_slice_bytes_for_replica_parallel,
                         max_replicas_for_replica_parallel, enable_pinned_host_transfer=enable_pinned_host_transfer)
@@ -208,8 +207,8 @@ class LeanArrayHandler(ocp.type_handlers.ArrayHandler):
         if self._store_bytes and infos:  # a large save: several OCDBT stores (jaxckpt.substores)
             substores.plan(infos[0].parent_dir, [info.name for info in infos], [self._local_bytes(v) for v in values],
                            self._store_bytes)
-        token = _LEAN.set(True)
+        token = orbax_patch.LEAN_SAVE.set(True)
         try:
             return await super().serialize(values, infos, args)
         finally:
-            _LEAN.reset(token)
+            orbax_patch.LEAN_SAVE.reset(token)

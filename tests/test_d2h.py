@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.serialization import replica_slices as rs
 
-from jaxckpt import d2h
+from jaxckpt import d2h, orbax_patch
 from jaxckpt.checkpoint import make_manager
 
 
@@ -124,13 +124,13 @@ def test_lean_only_inside_the_handler_and_only_for_the_case_it_covers(monkeypatc
     routed = d2h._dispatching(orbax)
     xs = arrays()[:1]
     routed(xs, 0, False)
-    token = d2h._LEAN.set(True)
+    token = orbax_patch.LEAN_SAVE.set(True)
     try:
         routed(xs, 0, False)
         routed(xs, 0, True)  # replica-parallel slicing
         routed(xs, 0, False, enable_pinned_host_transfer=True)
     finally:
-        d2h._LEAN.reset(token)
+        orbax_patch.LEAN_SAVE.reset(token)
     assert calls == ["orbax", "lean pinned=False", "orbax", "lean pinned=True"]
 
 

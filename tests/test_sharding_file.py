@@ -25,9 +25,9 @@ def orbax_fn() -> Any:
 
 def test_a_jaxckpt_save_writes_stock_orbax_s_sharding_file_in_one_write(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seven arrays of five shardings (split, split otherwise, replicated, one device, a scalar): the lean
-    write ran for jaxckpt's save only, serialized each distinct sharding once, and both files are the same
-    bytes, which plain Orbax reads back into every array."""
+    """Seven arrays of six shardings (split on both mesh axes two ways, on one axis two ways, replicated for two
+    of them, one device): the lean write ran for jaxckpt's save only, serialized each distinct sharding once,
+    and both files are the same bytes, which plain Orbax reads back into every array."""
     tree = named_arrays()
     writes, described = [], []
     lean, describe = sharding_file.write, sharding_metadata.from_jax_sharding
