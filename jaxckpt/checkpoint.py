@@ -146,19 +146,20 @@ class SaveStart:
     """
 
     def __init__(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite, state: PyTree,
-                 before: Callable[[], None] = lambda: None, nice: int = 0, pacer: pacing.WritePacer | None = None):
+                 before: Callable[[], None] = lambda: None, nice: int = 0, pacer: pacing.WritePacer | None = None,
+                 idle: bool = False):
         """``before`` runs on the thread ahead of Orbax's save call; the thread, and the threads Orbax and
-        TensorStore start from it, run at nice ``nice`` (:func:`lower_save_threads`); ``pacer`` paces the
-        array writes (:mod:`jaxckpt.pacing`)."""
+        TensorStore start from it, run at nice ``nice``, and in SCHED_IDLE if ``idle`` (:func:`lower_save_threads`);
+        ``pacer`` paces the array writes (:mod:`jaxckpt.pacing`)."""
         self.error: BaseException | None = None
-        self._before, self._nice, self._pacer = before, nice, pacer
+        self._before, self._nice, self._idle, self._pacer = before, nice, idle, pacer
         self._snapshot = d2h.Snapshot(state)
         self._thread = threading.Thread(target=self._run, args=(manager, step, args), name="jaxckpt-save-start")
         self._thread.start()
 
     def _run(self, manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
         try:
-            lower_save_threads(self._nice)
+            lower_save_threads(self._nice, self._idle)
             self._before()
             with pacing.pacing(self._pacer):
                 manager.save(step, args=args, force=True)
@@ -186,25 +187,36 @@ def native_threads() -> Iterator[tuple[int, str]]:
             continue
 
 
-def lower_this_thread(nice: int) -> bool:
-    """Nice ``nice`` for the calling thread, hence for the threads it starts from now on (they inherit it).
-    Linux only; False (nothing done) elsewhere or for 0. An unprivileged thread cannot be raised back, so
-    call this only on threads that do nothing but checkpoint I/O."""
+def lower_this_thread(nice: int, idle: bool = False) -> bool:
+    """Nice ``nice`` for the calling thread, and Linux's SCHED_IDLE class if ``idle``; the threads it starts
+    from now on inherit both. Linux only; False (nothing done) elsewhere or for nice 0. An unprivileged
+    thread cannot be raised back, so call this only on threads that do nothing but checkpoint I/O."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return False
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    _lower(threading.get_native_id(), nice, idle)
     return True
 
 
-def lower_save_threads(nice: int) -> None:
+def _lower(tid: int, nice: int, idle: bool) -> None:
+    """SCHED_IDLE: the thread runs only on CPU time no other thread wants. A nice value alone still takes a
+    share of busy cores, and a woken train-step thread may wait for its turn (benchmarks/README.md §2)."""
+    os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    if idle:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except PermissionError:  # a sandbox that forbids it (seccomp): the nice value alone
+            pass
+
+
+def lower_save_threads(nice: int, idle: bool = False) -> None:
     """:func:`lower_this_thread`, and the same for TensorStore's workers (named ``ts_*``), which a restore
     may have started before at nice 0; they only move checkpoint bytes."""
-    if not lower_this_thread(nice):
+    if not lower_this_thread(nice, idle):
         return
     for tid, name in native_threads():
         if name.startswith("ts_"):
             try:
-                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+                _lower(tid, nice, idle)
             except OSError:  # the thread ended meanwhile
                 continue
 
@@ -296,7 +308,7 @@ class Checkpointer:
                 if self.cfg.async_save and starts_in_background(state):
                     pacer = self.pacer_for(paced)
                     start = SaveStart(self.manager, step, args, state, self._purge_deleted, self.cfg.save_nice,
-                                      pacer)
+                                      pacer, self.cfg.save_idle)
                 else:
                     self._purge_deleted()
                     self.manager.save(step, args=args, force=True)
@@ -352,7 +364,7 @@ class Checkpointer:
 
     def _finalize(self, pending: _Pending) -> None:
         try:
-            lower_this_thread(self.cfg.save_nice)  # the save's start already lowered TensorStore's workers
+            lower_this_thread(self.cfg.save_nice, self.cfg.save_idle)  # the save's start lowered TensorStore's
             known = pending.checksums.stop() if pending.checksums is not None else None
             integrity.write_manifest(self.step_dir(pending.step), known)
             pending.durable_at = time.perf_counter()

@@ -134,6 +134,9 @@ class CheckpointConfig:
     # Nice value (Linux) of the threads that write a save beside training: Orbax's, TensorStore's and the
     # manifest's. 19 leaves the cores to the train step; 0 runs them as training runs.
     save_nice: int = 19
+    # With save_nice > 0, those threads also run in Linux's SCHED_IDLE class: only on CPU time that training
+    # leaves, where nice 19 still takes a share of busy cores (benchmarks/README.md §2, twenty-fifth session).
+    save_idle: bool = True
     # On the CPU backend, where the train step and a save share the cores: a save the trainer starts beside
     # training (not the last one, nor one at a preemption) writes at most this many MB/s, in windows every
     # 0.5 s, so its CPU spreads over several steps. Anything that waits for the save lifts the pace. 0: write

@@ -172,46 +172,75 @@ def test_save_start_hands_the_snapshot_to_orbax_and_lets_it_go(tmp_path: Path) -
     manager.close()
 
 
-def nices() -> dict[str, list[int]]:
-    """This process's threads' nice values, by thread name (``/proc``'s ``comm``)."""
-    out: dict[str, list[int]] = {}
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread priorities are Linux's")  # CI: Linux
+def test_a_sandbox_that_forbids_sched_idle_leaves_the_save_at_its_nice_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where SCHED_IDLE is refused (a seccomp profile), a save's thread still lowers its nice value and goes on."""
+    def refuse(*_: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt_lib.os, "sched_setscheduler", refuse)
+    out: list[tuple[bool, int, int]] = []
+    t = threading.Thread(target=lambda: out.append((ckpt_lib.lower_this_thread(19, idle=True),
+                                                    os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0))))
+    t.start()
+    t.join()
+    assert out == [(True, 19, os.SCHED_OTHER)]
+
+
+def priorities() -> dict[str, list[tuple[int, int]]]:
+    """This process's threads' (nice value, scheduling policy), by thread name (``/proc``'s ``comm``)."""
+    out: dict[str, list[tuple[int, int]]] = {}
     for tid, name in ckpt_lib.native_threads():
         try:
-            out.setdefault(name, []).append(os.getpriority(os.PRIO_PROCESS, tid))
+            out.setdefault(name, []).append((os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)))
         except ProcessLookupError:  # ended meanwhile
             continue
     return out
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread priorities are Linux's")  # CI: Linux
-@pytest.mark.parametrize("nice", [19, 0])
-def test_the_save_threads_give_way_to_training(tmp_path: Path, nice: int) -> None:
-    """While Orbax's save call runs, its thread and TensorStore's workers (started here by a save before it,
-    at nice 0) are at checkpoint.save_nice; the train loop's thread and XLA's are not."""
-    state = on_devices(host_state(1))
-    seen: list[tuple[int, dict[str, list[int]]]] = []
-    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=0)) as ckpt:
-        ckpt.save(1, state, iterator(), {})
-        ckpt.wait()
-    assert nices().get("ts_pool_worker"), "no TensorStore workers to lower: the test checks nothing"
+def raise_tensorstore_workers() -> None:
+    """Put TensorStore's workers back at nice 0 and SCHED_OTHER, as a restore before any save leaves them."""
     for tid, name in ckpt_lib.native_threads():  # earlier saves in this process lowered them
         try:
             if name.startswith("ts_"):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, tid, 0)
         except PermissionError:  # only root may raise them again
             pytest.skip("an unprivileged process cannot raise its TensorStore workers back to nice 0 (CI: root)")
         except ProcessLookupError:  # the thread ended meanwhile
             continue
-    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=nice)) as ckpt:
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread priorities are Linux's")  # CI: Linux
+@pytest.mark.parametrize(("nice", "idle"), [(19, True), (19, False), (0, True)])
+def test_the_save_threads_give_way_to_training(tmp_path: Path, nice: int, idle: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """While Orbax's save call runs, its thread and TensorStore's workers (started here by a save before it,
+    at nice 0) are at checkpoint.save_nice, and in SCHED_IDLE with save_idle (unless save_nice is 0); so is
+    the manifest's thread. The train loop's thread and XLA's are not."""
+    state = on_devices(host_state(1))
+    write_manifest, manifest_thread = ckpt_lib.integrity.write_manifest, []
+    monkeypatch.setattr(ckpt_lib.integrity, "write_manifest", lambda *a: (
+        manifest_thread.append((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0))), write_manifest(*a)))
+    seen: list[tuple[tuple[int, int], dict[str, list[tuple[int, int]]]]] = []
+    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=0)) as ckpt:
+        ckpt.save(1, state, iterator(), {})
+        ckpt.wait()
+    assert priorities().get("ts_pool_worker"), "no TensorStore workers to lower: the test checks nothing"
+    raise_tensorstore_workers()
+    with Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_nice=nice, save_idle=idle)) as ckpt:
         gate = Gate(ckpt.manager)
         save = gate.save
-        gate.save = lambda *a, **k: (seen.append((os.getpriority(os.PRIO_PROCESS, 0), nices())), save(*a, **k))[1]
+        gate.save = lambda *a, **k: (seen.append(((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)),
+                                                  priorities())), save(*a, **k))[1]
         ckpt.save(2, state, iterator(), {})
         gate.opened.set()
         ckpt.wait()
         assert ckpt.complete_steps() == [1, 2]
     own, threads = seen[0]
-    assert own == nice
-    assert set(threads["ts_pool_worker"]) == {nice}
-    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the caller's thread: the train loop
-    assert set(sum((v for k, v in threads.items() if k.startswith("tf_")), [])) <= {0}
+    lowered = (nice, os.SCHED_IDLE if idle and nice else os.SCHED_OTHER)
+    assert own == lowered
+    assert set(threads["ts_pool_worker"]) == {lowered}
+    assert manifest_thread[-1] == lowered
+    assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)) == (0, os.SCHED_OTHER)  # the train loop
+    assert set(sum((v for k, v in threads.items() if k.startswith("tf_")), [])) <= {(0, os.SCHED_OTHER)}
