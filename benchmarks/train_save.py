@@ -5,7 +5,7 @@
     python benchmarks/train_save.py model.d_model=768 model.n_layers=8 model.d_ff=3072 data.batch_size=2 \
         model.seq_len=64                                 # 76M params, 0.91 GB state: a save longer than a step
     python benchmarks/train_save.py --thread-cpu         # also: CPU seconds per thread group (XLA, TensorStore, ...)
-    python benchmarks/train_save.py --save-priority idle # experiment: save threads SCHED_IDLE (jaxckpt: nice 19)
+    python benchmarks/train_save.py checkpoint.save_idle=false  # the save's threads at nice 19 only, no SCHED_IDLE
     python benchmarks/train_save.py --direct             # also: trainer.train() with saves vs without (slow)
 
 Everything runs through the library's own path: ``Run.build(cfg, workdir)`` (the jitted, donating train
@@ -25,27 +25,22 @@ a normal window, a *plain-write window* (the control, below; ``--no-plain`` skip
 window, so load drift on a shared machine hits every kind alike.
 
 The control: a plain-write window holds zero-copy views of the state, as a save's snapshot does, and writes
-their bytes on a thread into one file at the save's pace (``checkpoint.write_mb_s``'s windows) and nice value
-(``checkpoint.save_nice``), then ``fdatasync``; no serialization, checksums or metadata. Its steps (timed the
-same way, until the write is durable) show what writing the state at all costs the steps beside it on this
-machine, the floor for any checkpointer; the report sets them, and how many steps of each kind cross the
-target, beside the save's.
+their bytes on a thread into one file at the save's pace (``checkpoint.write_mb_s``'s windows) and priority
+(``checkpoint.save_nice``, ``checkpoint.save_idle``), then ``fdatasync``; no serialization, checksums or
+metadata. Its steps (timed the same way, until the write is durable) show what writing the state at all costs
+the steps beside it on this machine, the floor for any checkpointer; the report sets them, and how many steps
+of each kind cross the target, beside the save's.
 
 A *save window*: ``trainer.save`` (its wall time, meta included, is the *blocking* time), then steps until the
 Checkpointer reports the save complete through its ``on_event("checkpoint")`` callback (Orbax commit,
 fsync, CRC32 manifest, retention; noticed by ``poll()`` after a step, as in the trainer; its ``durable``
 is the library's own figure from ``save()`` to that moment). Those steps are the *overlapped* steps. If
 the save is still pending after N steps, ``Checkpointer.wait()`` is timed as *wait* (the trainer's next
-``save()`` would block there). A watcher thread (every 50 ms; 10 ms while a save is pending under
-``--save-priority``) stamps when Orbax committed (``manager.is_saving_in_progress()`` false) and when the
-manifest thread ended: the library itself only notices these at step boundaries. With ``--thread-cpu`` it also reads
-``/proc/self/task/*/stat`` every 100 ms (~1-2 % of a core) in every window and attributes CPU seconds to
-thread groups (XLA, TensorStore, Orbax/manifest Python threads, main, Grain); threads that end lose
-their last <100 ms. ``--save-priority nice|idle`` (an experiment; jaxckpt itself gives its save threads
-``checkpoint.save_nice``, 19 by default, from the thread that starts Orbax's save) has the
-watcher put every new TensorStore thread and Orbax/manifest Python thread at nice 19 or SCHED_IDLE as
-it appears (~10 ms late), to see how much of the slowdown is the save competing with XLA for the cores;
-``idle-ts`` does it to TensorStore's threads only (C++ threads, unlike Orbax's Python ones).
+``save()`` would block there). A watcher thread (every 50 ms) stamps when Orbax committed
+(``manager.is_saving_in_progress()`` false) and when the manifest thread ended: the library itself only
+notices these at step boundaries. With ``--thread-cpu`` it also reads ``/proc/self/task/*/stat`` every 100 ms
+(~1-2 % of a core) in every window and attributes CPU seconds to thread groups (XLA, TensorStore,
+Orbax/manifest Python threads, main, Grain); threads that end lose their last <100 ms.
 
 T0 = median step time of all normal windows. Slowdown = overlapped step time / T0, mean and max over all
 overlapped steps; per save also against the median of its two adjacent normal windows (*local T0*); and by
@@ -90,7 +85,7 @@ except ImportError:
 from jaxckpt import malloc
 from jaxckpt import resume as resume_lib
 from jaxckpt import trainer as trainer_lib
-from jaxckpt.checkpoint import Checkpointer
+from jaxckpt.checkpoint import Checkpointer, lower_this_thread
 from jaxckpt.config import Config, load_config
 from jaxckpt.metrics import read_jsonl
 from jaxckpt.model import param_count
@@ -99,10 +94,9 @@ from jaxckpt.trainer import Run
 
 SLOWDOWN_TARGET = 1.2
 GOODPUT_TARGET = 0.98
-# Watcher periods. At 10 ms throughout a save, its polling took ~7 ms of CPU per step beside the save (against
-# <1 ms beside none), out of the steps it measures; 10 ms only where new save threads must be reniced promptly.
+# Watcher period. At 10 ms, its polling took ~7 ms of CPU per step beside the save (against <1 ms beside none),
+# out of the steps it measures.
 TICK_S = 0.05
-RENICE_TICK_S = 0.01
 SAMPLE_S = 0.1  # per-thread CPU sampling period (--thread-cpu; ~0.5-2 ms of CPU per sample)
 
 
@@ -115,9 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, help="N for goodput (default: checkpoint.every_steps of the config)")
     p.add_argument("--scratch", type=Path, help="parent dir for the temp workdir (default: the system temp dir)")
     p.add_argument("--thread-cpu", action="store_true", help="attribute CPU seconds to thread groups (/proc)")
-    p.add_argument("--save-priority", choices=("default", "nice", "idle", "idle-ts"), default="default",
-                   help="experiment: run save threads at nice 19 or SCHED_IDLE, or only TensorStore's at "
-                        "SCHED_IDLE (idle-ts); jaxckpt itself uses checkpoint.save_nice")
     p.add_argument("--no-plain", action="store_true",
                    help="skip the control windows beside a plain write of the same bytes (plain_write)")
     p.add_argument("--direct", action="store_true", help="also compare trainer.train() with saves vs without")
@@ -132,7 +123,7 @@ def data_overrides(data_path: str) -> list[str]:
     return [f"data.path={data_path}"] if data_path else []
 
 
-# -- threads: save-completion stamps, per-thread CPU, priority experiment --------------------------
+# -- threads: save-completion stamps, per-thread CPU -----------------------------------------------
 
 def thread_table() -> dict[int, tuple[str, float]]:
     """tid -> (comm, CPU seconds) for every thread of this process, from /proc/self/task/*/stat."""
@@ -167,37 +158,20 @@ def thread_group(tid: int, comm: str, names: dict[int, str]) -> str:
     return "other Python threads (Orbax, manifest)"
 
 
-def is_save_thread(group: str) -> bool:
-    return group.startswith(("TensorStore", "other Python"))
-
-
-def lower_priority(tid: int, how: str) -> None:
-    """Experiment only: deprioritise one save thread (raising niceness needs no privilege)."""
-    try:
-        if how == "idle":
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
-    except OSError:
-        pass  # the thread ended
-
-
 class Watcher(threading.Thread):
-    """Stamps Orbax commit and manifest completion; optionally samples per-thread CPU and renices."""
+    """Stamps Orbax commit and manifest completion; optionally samples per-thread CPU."""
 
     NAME = "train-save-watcher"
 
-    def __init__(self, ckpt: Checkpointer, sample_cpu: bool, priority: str):
+    def __init__(self, ckpt: Checkpointer, sample_cpu: bool):
         super().__init__(name=self.NAME, daemon=True)
-        self.ckpt, self.sample_cpu, self.priority = ckpt, sample_cpu, priority
+        self.ckpt, self.sample_cpu = ckpt, sample_cpu
         self.lock, self.stop_event = threading.Lock(), threading.Event()
         self.t0: float | None = None
         self.commit: float | None = None
         self.manifest: float | None = None
         self.base: dict[int, float] = {}
         self.last: dict[int, tuple[str, float]] = {}
-        self.seen: set[int] = set()
-        self.tries: dict[int, int] = {}
 
     def arm(self, t0: float) -> None:
         """Start stamping the save that started at ``t0`` (perf_counter)."""
@@ -244,30 +218,10 @@ class Watcher(threading.Thread):
         names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
         return {tid: (thread_group(tid, comm, names), cpu) for tid, (comm, cpu) in thread_table().items()}
 
-    def _renice_new(self) -> None:
-        new = {int(t) for t in os.listdir("/proc/self/task")} - self.seen
-        if not new:
-            return
-        names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-        for tid in new:
-            try:
-                comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-            except OSError:
-                continue
-            group, self.tries[tid] = thread_group(tid, comm, names), self.tries.get(tid, 0) + 1
-            if group.startswith("native") and self.tries[tid] < 10:
-                continue  # maybe a Python thread not registered yet: classify it on a later tick
-            self.seen.add(tid)
-            if is_save_thread(group) and (self.priority != "idle-ts" or group.startswith("TensorStore")):
-                lower_priority(tid, self.priority.removesuffix("-ts"))
-
     def run(self) -> None:
         last_sample = time.perf_counter()
-        renicing = self.priority != "default"
-        while not self.stop_event.wait(RENICE_TICK_S if renicing and self.t0 is not None else TICK_S):
+        while not self.stop_event.wait(TICK_S):
             self._stamp()
-            if renicing:
-                self._renice_new()
             if self.sample_cpu and time.perf_counter() - last_sample >= SAMPLE_S:
                 last_sample = time.perf_counter()
                 with self.lock:
@@ -304,11 +258,11 @@ class Normal:
     threads: dict[str, float] = field(default_factory=dict)
 
 
-def plain_write(arrays: list[Any], path: Path, pacer: Any, nice: int) -> None:
+def plain_write(arrays: list[Any], path: Path, pacer: Any, nice: int, idle: bool) -> None:
     """The control for a save beside training: the same bytes into one file at the save's pace (``pacer``'s
-    rate and period; None: at once) and nice value, then ``fdatasync``. No serialization, checksums, metadata
-    or Python beyond the loop: what writing the state at all costs the steps beside it on this machine."""
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    rate and period; None: at once) and priority (nice value, SCHED_IDLE), then ``fdatasync``. No serialization,
+    checksums, metadata or Python beyond the loop: what writing the state at all costs the steps beside it."""
+    lower_this_thread(nice, idle)
     burst = int(pacer.burst) if pacer else 1 << 62
     opens, used = time.monotonic() + (pacer.period if pacer else 0.0), 0  # the first window opens as a save's
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -338,7 +292,7 @@ class Bench:
         self.it = self.run.data.train_iterator(0)
         self.step, self.metrics = 0, None
         self.ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, on_event=self._on_event)
-        self.watcher = Watcher(self.ckpt, args.thread_cpu, args.save_priority)
+        self.watcher = Watcher(self.ckpt, args.thread_cpu)
         self.watcher.start()
 
     def _on_event(self, kind: str, **fields: Any) -> None:
@@ -397,7 +351,7 @@ class Bench:
                  for s in x.addressable_shards]
         path = self.ckpt.directory.parent / "plain.bin"
         writer = threading.Thread(target=plain_write, daemon=True, args=(
-            views, path, self.ckpt.pacer_for(paced=True), self.cfg.checkpoint.save_nice))
+            views, path, self.ckpt.pacer_for(paced=True), self.cfg.checkpoint.save_nice, self.cfg.checkpoint.save_idle))
         del views
         self.watcher.begin_window()
         writer.start()
@@ -662,7 +616,8 @@ def header(cfg: Config, args: argparse.Namespace, bench: Bench, argv: list[str],
         f"train state {bench.state_bytes / 1e6:.1f} MB; data {bench.run.data.path}",
         f"checkpoint: every_steps={cfg.checkpoint.every_steps} (N={args.every}), async_save="
         f"{cfg.checkpoint.async_save}, keep_latest={cfg.checkpoint.keep_latest}; dir {bench.ckpt.directory}; "
-        f"save threads priority: {args.save_priority}; write pace beside training: {pace(bench)}",
+        f"save threads: nice {cfg.checkpoint.save_nice}, SCHED_IDLE {cfg.checkpoint.save_idle}; "
+        f"write pace beside training: {pace(bench)}",
         f"windows: {args.reps} saves, {args.normal_steps} steps per normal window, {args.reps + 1} normal windows, "
         f"interleaved; each step = next batch + to_global + step_fn + block_until_ready + Checkpointer.poll()",
     ]

@@ -159,7 +159,8 @@ def test_checkpoint_saves_times_the_later_saves_of_one_process(tmp_path: Path) -
 def test_train_save_control_writes_every_byte_of_the_state_in_paced_windows(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The plain write beside training (train_save's control) writes the state's bytes in order, of every dtype
-    and shape, in windows of at most the pacer's burst, from a thread it lowers to the save's nice value."""
+    and shape, in windows of at most the pacer's burst, from a thread it lowers to the save's nice value and
+    scheduling class."""
     import threading
     import types
 
@@ -177,16 +178,16 @@ def test_train_save_control_writes_every_byte_of_the_state_in_paced_windows(tmp_
         writes.append(len(data))
         return real_write(fd, data)
 
-    path, nice = tmp_path / "plain.bin", []
+    path, priority = tmp_path / "plain.bin", []
     monkeypatch.setattr(ts.os, "write", counted)
-    t = threading.Thread(target=lambda: (ts.plain_write(arrays, path, pacer, 19),
-                                         nice.append(ts.os.getpriority(ts.os.PRIO_PROCESS, threading.get_native_id()))))
+    t = threading.Thread(target=lambda: (ts.plain_write(arrays, path, pacer, 19, True), priority.append(
+        (ts.os.getpriority(ts.os.PRIO_PROCESS, 0), ts.os.sched_getscheduler(0)))))
     t.start()
     t.join()
     assert path.read_bytes() == b"".join(a.tobytes() for a in arrays)
     assert max(writes) <= 1000 and sum(writes) == 4000 + 4 + 666
     assert len(writes) >= 5  # 4,670 bytes cannot fit fewer 1,000-byte windows
-    assert nice == [19]
+    assert priority == [(19, ts.os.SCHED_IDLE)]
 
 
 def test_train_save_counts_steps_over_the_target_beside_a_save_a_plain_write_and_none() -> None:
