@@ -473,7 +473,7 @@ def control_rows(sm: dict[str, Any]) -> list[str]:
     """What the machine does to steps without jaxckpt's save: the same bytes written plainly, and no write."""
     rows = []
     if sm["n_plain"]:
-        rows.append(f"| control: steps beside a plain write of the same bytes at the same pace and nice "
+        rows.append(f"| control: steps beside a plain write of the same bytes at the same pace and priority "
                     f"({sm['n_plain']} steps), mean / max ÷ T0 | {sm['plain_mean_ratio']:.2f}× / "
                     f"{sm['plain_max_ratio']:.2f}× | - | |")
     plain = f" / {share(sm['plain_slow'], sm['n_plain'])}" if sm["n_plain"] else ""

@@ -307,8 +307,8 @@ class Checkpointer:
             with gc_paused():
                 if self.cfg.async_save and starts_in_background(state):
                     pacer = self.pacer_for(paced)
-                    start = SaveStart(self.manager, step, args, state, self._purge_deleted, self.cfg.save_nice,
-                                      pacer, self.cfg.save_idle)
+                    start = SaveStart(self.manager, step, args, state, self._purge_deleted, nice=self.cfg.save_nice,
+                                      pacer=pacer, idle=self.cfg.save_idle)
                 else:
                     self._purge_deleted()
                     self.manager.save(step, args=args, force=True)
