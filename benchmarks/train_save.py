@@ -45,6 +45,10 @@ Orbax/manifest Python threads, main, Grain); threads that end lose their last <1
 T0 = median step time of all normal windows. Slowdown = overlapped step time / T0, mean and max over all
 overlapped steps; per save also against the median of its two adjacent normal windows (*local T0*); and by
 the step's place in its save window (1st, 2nd, 3rd and later), beside the normal steps' own max.
+The target (steps beside a save <= 1.2x their normal time) is judged three ways: the mean; the slowest place in
+the window, its mean over the saves (a cost each save adds there); and the slowest overlapped step against the
+slowest of as many normal steps (the median draw of that many of them: a tail the saves add). On a shared
+machine normal steps alone cross 1.2x T0 now and then, so the raw max / T0 is printed but not judged.
 Goodput with a save every N (= ``checkpoint.every_steps``, or ``--every``) from the pieces measured:
 ``N*T0 / (N*T0 + extra)``, extra = blocking + sum(overlapped step - T0) + wait, averaged over the saves.
 *Save CPU* = blocking CPU + sum(overlapped step CPU - median normal step CPU) + wait CPU (for the save
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -428,6 +433,22 @@ def save_cpu(s: SaveWindow, c0: float) -> float:
     return s.blocking_cpu + sum(x.cpu - c0 for x in s.steps) + s.wait_cpu
 
 
+def places(m: Measured) -> dict[str, list[Step]]:
+    """Overlapped steps by their place in the save window: the first carries what Orbax sets up for all arrays
+    and the step that cannot donate the state the save still reads; later ones the paced writes."""
+    return {"1st": [x for s in m.saves for x in s.steps[:1]], "2nd": [x for s in m.saves for x in s.steps[1:2]],
+            "3rd and later": [x for s in m.saves for x in s.steps[2:]]}
+
+
+def typical_max(walls: list[float], k: int) -> float:
+    """The slowest of ``k`` of these steps drawn at random, in the median draw: the slowest step a window of ``k``
+    steps shows on this machine with nothing beside it. Exact: the k drawn all lie among the j fastest with
+    probability C(j, k) / C(n, k)."""
+    ranked, k = sorted(walls), min(k, len(walls))
+    draws = math.comb(len(ranked), k)
+    return next(ranked[j - 1] for j in range(k, len(ranked) + 1) if 2 * math.comb(j, k) >= draws)
+
+
 def summarize(m: Measured, every: int) -> dict[str, Any]:
     normal = [x for n in m.normals for x in n.steps]
     over = [x for s in m.saves for x in s.steps]
@@ -441,6 +462,10 @@ def summarize(m: Measured, every: int) -> dict[str, Any]:
         "normal_min": min(x.wall for x in normal), "normal_max": max(x.wall for x in normal),
         "mean_ratio": statistics.fmean(x.wall for x in over) / t0 if over else float("nan"),
         "max_ratio": max(x.wall for x in over) / t0 if over else float("nan"),
+        # the max's reference on this machine: the slowest of as many normal steps
+        "normal_typical_max": typical_max([x.wall for x in normal], len(over)) if over else float("nan"),
+        "worst_place": max(((name, statistics.fmean(x.wall for x in xs) / t0, len(xs))
+                            for name, xs in places(m).items() if xs), key=lambda p: p[1], default=None),
         # the max's control: how often steps cross the target with and without a save beside them
         "over_slow": sum(x.wall > SLOWDOWN_TARGET * t0 for x in over),
         "normal_slow": sum(x.wall > SLOWDOWN_TARGET * t0 for x in normal),
@@ -481,6 +506,29 @@ def control_rows(sm: dict[str, Any]) -> list[str]:
                 f"none (normal) | {share(sm['over_slow'], sm['n_over'])}{plain} / "
                 f"{share(sm['normal_slow'], sm['n_normal'])} (normal max {sm['normal_max'] / sm['t0']:.2f}×) | - | |")
     return rows
+
+
+def slowest_rows(sm: dict[str, Any]) -> list[str]:
+    """The slowest steps beside a save against their normal time. A step's normal time varies on a shared machine
+    (normal steps spanned 30-70 % of their median within a run on the VM of benchmarks/README.md), so the slowest
+    of ~45 steps over T0 measures the machine as much as the save: there, as many normal steps often include one
+    over 1.2x T0 too. Two verdicts keep the save's part: the slowest place in the save window, on average over
+    the saves (a cost each save adds at that place), and the slowest step against the slowest of as many
+    normal steps (a tail the saves add). The raw ratio is printed beside them, with the normal steps' own."""
+    if sm["worst_place"] is None:
+        return ["| slowest overlapped step | no steps overlapped a save | - | |"]
+    name, place, saves = sm["worst_place"]
+    k, t0, target = sm["n_over"], sm["t0"], SLOWDOWN_TARGET
+    tail = sm["max_ratio"] * t0 / sm["normal_typical_max"]
+    return [
+        f"| slowest place in the save window ({name} step, {saves} of them), mean ÷ T0 | {place:.2f}× "
+        f"| ≤ {target}× | {mark(place <= target)} |",
+        f"| slowest overlapped step ÷ the slowest of {k} normal steps (median draw of {k} of {sm['n_normal']}) "
+        f"| {tail:.2f}× ({sm['max_ratio']:.2f}× ÷ {sm['normal_typical_max'] / t0:.2f}× T0) | ≤ {target}× "
+        f"| {mark(tail <= target)} |",
+        f"| slowest overlapped step ÷ T0, raw (the machine's own noise included: normal steps reached "
+        f"{sm['normal_max'] / t0:.2f}× T0) | {sm['max_ratio']:.2f}× | - | |",
+    ]
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -530,15 +578,9 @@ def thread_rows(m: Measured) -> list[str]:
 
 
 def position_line(m: Measured, t0: float) -> str:
-    """Overlapped steps by their place in the save window: the first carries what Orbax sets up for all arrays
-    and the step that cannot donate the state the save still reads; later ones the paced writes."""
-    places = {"1st": [s.steps[:1] for s in m.saves], "2nd": [s.steps[1:2] for s in m.saves],
-              "3rd and later": [s.steps[2:] for s in m.saves]}
-    cells = []
-    for name, runs in places.items():
-        walls = [x.wall / t0 for steps in runs for x in steps]
-        if walls:
-            cells.append(f"{name} {statistics.fmean(walls):.2f}× / {max(walls):.2f}× ({len(walls)})")
+    """Overlapped steps by their place in the save window (:func:`places`), mean and max."""
+    cells = [f"{name} {statistics.fmean(x.wall for x in xs) / t0:.2f}× / {max(x.wall for x in xs) / t0:.2f}× "
+             f"({len(xs)})" for name, xs in places(m).items() if xs]
     normal = max(x.wall for n in m.normals for x in n.steps) / t0
     return (f"overlapped steps by place in the save window, mean / max ÷ T0 (count): {'; '.join(cells)}; "
             f"normal steps max ÷ T0: {normal:.2f}×")
@@ -625,7 +667,7 @@ def header(cfg: Config, args: argparse.Namespace, bench: Bench, argv: list[str],
 
 def report(cfg: Config, args: argparse.Namespace, bench: Bench, m: Measured, argv: list[str], load0: str) -> str:
     sm = summarize(m, args.every)
-    mean_ok, max_ok = sm["mean_ratio"] <= SLOWDOWN_TARGET, sm["max_ratio"] <= SLOWDOWN_TARGET
+    mean_ok = sm["mean_ratio"] <= SLOWDOWN_TARGET
     noise = (sm["normal_max"] - sm["normal_min"]) / sm["t0"]
     lines = [
         *header(cfg, args, bench, argv, load0), "",
@@ -637,7 +679,7 @@ def report(cfg: Config, args: argparse.Namespace, bench: Bench, m: Measured, arg
         "|---|---|---|---|",
         f"| mean overlapped step ÷ T0 ({sm['n_over']} steps) | {sm['mean_ratio']:.2f}× | ≤ {SLOWDOWN_TARGET}× "
         f"| {mark(mean_ok)} |",
-        f"| max overlapped step ÷ T0 | {sm['max_ratio']:.2f}× | ≤ {SLOWDOWN_TARGET}× | {mark(max_ok)} |",
+        *slowest_rows(sm),
         *control_rows(sm),
         f"| goodput, save every {args.every} steps (from pieces) | {sm['goodput']:.2%} | ≥ {GOODPUT_TARGET:.0%} "
         f"| {mark(sm['goodput'] >= GOODPUT_TARGET)} |",

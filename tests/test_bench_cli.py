@@ -205,3 +205,40 @@ def test_train_save_counts_steps_over_the_target_beside_a_save_a_plain_write_and
     assert "1.20× / 1.30×" in rows[0]
     assert "| 2 of 3 (67%) / 1 of 2 (50%) / 1 of 5 (20%) (normal max 1.30×)" in rows[1]
     assert len(ts.control_rows({**sm, "n_plain": 0})) == 1  # --no-plain: no plain-write row
+
+
+def test_train_save_typical_max_is_the_slowest_of_k_steps_in_the_median_draw() -> None:
+    """P(the slowest of k drawn is among the j fastest) = C(j, k) / C(n, k); the first j where that reaches 1/2."""
+    ts = load_bench("train_save")
+    walls = [4.0, 1.0, 3.0, 2.0]
+    assert [ts.typical_max(walls, k) for k in (1, 2, 3, 4)] == [2.0, 3.0, 4.0, 4.0]  # C(j,3)/4 >= 1/2 first at j=4
+    assert ts.typical_max(walls, 9) == 4.0  # more overlapped steps than normal ones: all of them
+
+
+def test_train_save_judges_the_slowest_place_and_the_slowest_step_against_the_machines_own() -> None:
+    """A save window's first step 1.25x on average fails, though no step is slower than the slowest normal one;
+    a lone 1.3x step among normal ones over 1.2x passes, and one that outruns them by more than 1.2x fails."""
+    ts = load_bench("train_save")
+
+    def steps(*walls: float) -> list:
+        return [ts.Step(w, 2 * w) for w in walls]
+
+    def rows(normal: list, *saves: list) -> list[str]:
+        windows = [ts.SaveWindow(5, 0.01, 0.01, steps(*s), 3.0, 2.5, 2.9) for s in saves]
+        m = ts.Measured(1.0, windows[0], [ts.Normal(steps(*normal))], windows, [])
+        return ts.slowest_rows(ts.summarize(m, every=100))
+
+    noisy = [1.0] * 8 + [1.3, 1.35]
+    first_slow = rows(noisy, [1.2, 1.0, 1.0], [1.3, 1.0, 1.0])
+    assert "(1st step, 2 of them), mean ÷ T0 | 1.25× | ≤ 1.2× | FAIL |" in first_slow[0]
+    assert "÷ the slowest of 6 normal steps (median draw of 6 of 10) | 0.96× (1.30× ÷ 1.35× T0)" in first_slow[1]
+    assert first_slow[1].endswith("| PASS |")
+    assert "normal steps reached 1.35× T0) | 1.30× | - | |" in first_slow[2]
+    lone = rows(noisy, [1.0, 1.3, 1.0], [1.0, 1.0, 1.0])
+    assert lone[0].endswith("| PASS |") and lone[1].endswith("| PASS |")
+    outrun = rows([1.0] * 10, [1.0, 1.3, 1.0], [1.0, 1.0, 1.0])
+    assert "3rd and later" not in outrun[0] and "(2nd step, 2 of them), mean ÷ T0 | 1.15×" in outrun[0]
+    assert "| 1.30× (1.30× ÷ 1.00× T0) | ≤ 1.2× | FAIL |" in outrun[1]
+    assert ts.slowest_rows(ts.summarize(ts.Measured(1.0, ts.SaveWindow(5, 0, 0, [], 1, 1, 1), [ts.Normal(steps(1.0))],
+                                                    [ts.SaveWindow(5, 0, 0, [], 1, 1, 1)], []), 100)) == \
+        ["| slowest overlapped step | no steps overlapped a save | - | |"]
