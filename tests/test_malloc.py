@@ -3,9 +3,13 @@ which allocator a process runs on. tests/test_cli.py runs the command under it e
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,3 +152,46 @@ def test_a_release_keeps_room_for_the_blocks_asked_for_backed_so_they_no_longer_
         assert int(run_script(KEEP, env, how)[2]) > 50_000, how
     glibc = run_script(KEEP, os.environ | GLIBC, "keep")
     assert glibc[:2] == ["system", "False"]
+
+
+def faults_writing(region: mmap.mmap) -> int:
+    """Minor page faults while every page of ``region`` is written."""
+    start, end = span(region)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(start, 1, end - start)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def span(region: mmap.mmap) -> tuple[int, int]:
+    start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    return start, start + len(region)
+
+
+@pytest.mark.parametrize("advice", ["populate", "refused"])
+def test_populate_backs_every_page_so_writing_them_no_longer_faults(advice: str, monkeypatch) -> None:
+    """With MADV_POPULATE_WRITE, and where the kernel refuses it (before Linux 5.14), by writing each page."""
+    if advice == "refused":
+        monkeypatch.setattr(malloc, "MADV_POPULATE_WRITE", -1)  # EINVAL
+    monkeypatch.setattr(malloc, "POPULATE_CHUNK", 4 << 20)
+    n = 32 << 20  # 8,192 pages
+    fresh, backed = mmap.mmap(-1, n), mmap.mmap(-1, n)
+    malloc.populate([span(backed)], threads=2)
+    assert faults_writing(fresh) > 6_000
+    assert faults_writing(backed) < 1_000
+
+
+def test_populate_shares_the_pages_among_its_threads(monkeypatch) -> None:
+    """Two threads each back a chunk at the same time: each waits at a barrier for the other."""
+    monkeypatch.setattr(malloc, "MADV_POPULATE_WRITE", -1)  # every chunk through ctypes.memset, recorded here
+    monkeypatch.setattr(malloc, "POPULATE_CHUNK", 1 << 20)
+    meet, threads, memset = threading.Barrier(2, timeout=10), set(), ctypes.memset
+
+    def recording(address: int, value: int, size: int) -> int:
+        threads.add(threading.get_ident())
+        meet.wait()
+        return memset(address, value, size)
+
+    monkeypatch.setattr(ctypes, "memset", recording)
+    region = mmap.mmap(-1, 4 << 20)
+    malloc.populate([span(region)], threads=2)
+    assert len(threads) == 2 and threading.get_ident() not in threads
