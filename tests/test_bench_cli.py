@@ -239,6 +239,8 @@ def test_train_save_judges_the_slowest_place_and_the_slowest_step_against_the_ma
     outrun = rows([1.0] * 10, [1.0, 1.3, 1.0], [1.0, 1.0, 1.0])
     assert "3rd and later" not in outrun[0] and "(2nd step, 2 of them), mean ÷ T0 | 1.15×" in outrun[0]
     assert "| 1.30× (1.30× ÷ 1.00× T0) | ≤ 1.2× | FAIL |" in outrun[1]
+    fewer = rows([1.0, 1.1], [1.0, 1.3, 1.0])  # more steps beside the saves than normal ones: all of those
+    assert "÷ the slowest of all 2 normal steps | 1.18× (1.24× ÷ 1.05× T0)" in fewer[1]  # T0 1.05
     assert ts.slowest_rows(ts.summarize(ts.Measured(1.0, ts.SaveWindow(5, 0, 0, [], 1, 1, 1), [ts.Normal(steps(1.0))],
                                                     [ts.SaveWindow(5, 0, 0, [], 1, 1, 1)], []), 100)) == \
         ["| slowest overlapped step | no steps overlapped a save | - | |"]
