@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -190,11 +191,14 @@ def test_train_save_control_writes_every_byte_of_the_state_in_paced_windows(tmp_
     assert priority == [(19, ts.os.SCHED_IDLE)]
 
 
+def train_save_steps(ts, *walls: float) -> list:
+    """``ts``'s (train_save's) ``Step``s of these wall times, with CPU twice the wall."""
+    return [ts.Step(w, 2 * w) for w in walls]
+
+
 def test_train_save_counts_steps_over_the_target_beside_a_save_a_plain_write_and_none() -> None:
     ts = load_bench("train_save")
-
-    def steps(*walls: float) -> list:
-        return [ts.Step(w, 2 * w) for w in walls]
+    steps = functools.partial(train_save_steps, ts)
 
     normals = [ts.Normal(steps(1.0, 1.0, 1.3)), ts.Normal(steps(1.0, 0.9))]
     save = ts.SaveWindow(5, 0.01, 0.01, steps(1.25, 1.1, 1.21), 3.0, 2.5, 2.9)
@@ -219,9 +223,7 @@ def test_train_save_judges_the_slowest_place_and_the_slowest_step_against_the_ma
     """A save window's first step 1.25x on average fails, though no step is slower than the slowest normal one;
     a lone 1.3x step among normal ones over 1.2x passes, and one that outruns them by more than 1.2x fails."""
     ts = load_bench("train_save")
-
-    def steps(*walls: float) -> list:
-        return [ts.Step(w, 2 * w) for w in walls]
+    steps = functools.partial(train_save_steps, ts)
 
     def rows(normal: list, *saves: list) -> list[str]:
         windows = [ts.SaveWindow(5, 0.01, 0.01, steps(*s), 3.0, 2.5, 2.9) for s in saves]
