@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import jaxckpt
+from jaxckpt import malloc
 from jaxckpt.cli import main
 
 NAMES = ("step", "checkpoint", "train_save", "restart", "mfu")
@@ -71,6 +73,34 @@ def test_median_trial_reports_the_middle_run_and_all_of_them() -> None:
     got = benchlib.median_trial(run, trials=3)
     assert got == {"s": 0.4, "run": 2, "trials_s": [0.9, 0.2, 0.4]}
     assert benchlib.median_trial(iter([{"s": 0.3}, {"s": 0.1}]).__next__, trials=2)["s"] == 0.1  # the lower
+
+
+SETTLE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import benchlib
+
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
+
+benchlib.SETTLE_S = 0.0
+before = rss_mb()
+benchlib.settle_memory(160 << 20)  # touches 400 MB (BACKED_FACTOR 2.5) and frees it
+grew = rss_mb() - before
+print(benchlib.release_allocator_memory(), grew)
+"""
+
+
+@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+def test_settle_memory_hands_what_it_touched_back_to_the_kernel_under_tcmalloc_too() -> None:
+    """The next writer's page cache comes from the kernel's free lists; TCMalloc keeps freed memory in the
+    process until told to release it, and then settle_memory would settle nothing."""
+    tcmalloc = malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
+    for env, allocator in ((tcmalloc, "True"), (os.environ | {"LD_PRELOAD": ""}, "False")):
+        out = subprocess.run([sys.executable, "-c", SETTLE, str(REPO / "benchmarks")], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out[0] == allocator, out
+        assert int(out[1]) < 100, out  # MB still resident of the 400 touched
 
 
 def test_checkpoint_report_pairs_each_writer_with_the_dd_run_of_its_repetition() -> None:
