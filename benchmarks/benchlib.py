@@ -55,7 +55,7 @@ def release_allocator_memory() -> bool:
 
     Under TCMalloc (as the jaxckpt command runs, jaxckpt/malloc.py, with ``TCMALLOC_RELEASE_RATE=0``) freed
     memory stays in the process. There :func:`settle_memory` settled nothing: a 4 GB save's copy into the
-    page cache then took 4.7-5.2 CPU-s instead of 1.0-1.2 (README §1e, twenty-seventh session). The same as
+    page cache then took 4.3-6.3 CPU-s instead of 1.0-1.2 (README §1e, twenty-seventh session). The same as
     jaxckpt.malloc.release_free_memory, without importing jaxckpt (torch_ckpt.py runs without it)."""
     release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)  # TCMalloc's, if loaded
     if release is None:
