@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import jaxckpt
-from jaxckpt import malloc
 from jaxckpt.cli import main
+from tests.test_malloc import GLIBC, NEEDS_TCMALLOC, tcmalloc_env
 
 NAMES = ("step", "checkpoint", "train_save", "restart", "mfu")
 
@@ -91,12 +91,11 @@ print(benchlib.release_allocator_memory(), grew)
 """
 
 
-@pytest.mark.skipif(malloc.find_tcmalloc() is None, reason=f"TCMalloc is not installed ({malloc.INSTALL})")
+@NEEDS_TCMALLOC
 def test_settle_memory_hands_what_it_touched_back_to_the_kernel_under_tcmalloc_too() -> None:
     """The next writer's page cache comes from the kernel's free lists; TCMalloc keeps freed memory in the
     process until told to release it, and then settle_memory would settle nothing."""
-    tcmalloc = malloc.preload_env({k: v for k, v in os.environ.items() if k != malloc.TRIED}, malloc.find_tcmalloc())
-    for env, allocator in ((tcmalloc, "True"), (os.environ | {"LD_PRELOAD": ""}, "False")):
+    for env, allocator in ((tcmalloc_env(), "True"), (os.environ | GLIBC, "False")):
         out = subprocess.run([sys.executable, "-c", SETTLE, str(REPO / "benchmarks")], env=env, capture_output=True,
                              text=True, check=True).stdout.split()
         assert out[0] == allocator, out
