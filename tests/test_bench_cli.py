@@ -80,14 +80,11 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import benchlib
 
-def rss_mb():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
-
 benchlib.SETTLE_S = 0.0
-before = rss_mb()
+before = benchlib.proc_status_mb("VmRSS")
 benchlib.settle_memory(160 << 20)  # touches 400 MB (BACKED_FACTOR 2.5) and frees it
-grew = rss_mb() - before
-print(benchlib.release_allocator_memory(), grew)
+grew = benchlib.proc_status_mb("VmRSS") - before
+print(benchlib.release_allocator_memory(), int(grew))
 """
 
 
